@@ -1,0 +1,98 @@
+"""Shared pieces of the benchmarks: process group from the launcher, timing, FLOPs, tables, JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+
+def init_from_env() -> tuple[int, int, torch.device]:
+    """Join the process group torchrun/deepspeed set up in the environment (or run alone)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=timedelta(minutes=10))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    return rank, world, dev
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timeit(fn: Callable[[], Any], device: torch.device, *, warmup: int = 1, iters: int = 3,
+           group=None) -> float:
+    """Median seconds of ``fn`` over ``iters`` runs, ranks aligned by a barrier before each run."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        sync(device)
+        if group is not None or dist.is_initialized():
+            dist.barrier(group=group)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def attention_flops(seq: int, heads: int, head_dim: int, *, causal: bool, backward: bool,
+                    batch: int = 1) -> float:
+    """4·S²·H·D per forward (half when causal); forward+backward = 3.5 x forward."""
+    f = 4.0 * seq * seq * heads * head_dim * batch * (0.5 if causal else 1.0)
+    return f * (3.5 if backward else 1.0)
+
+
+def peak_gib(device: torch.device) -> float:
+    if device.type != "cuda":
+        return float("nan")
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def print_table(rows: list[dict], columns: list[str], title: str = "") -> str:
+    """Render rows as a fixed-width table (missing values as '-'); returns the text."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:,.1f}" if abs(v) >= 10 else f"{v:.3f}"
+        return "-" if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c)
+              for i, c in enumerate(columns)]
+    lines = [title] if title else []
+    lines.append("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def write_json(path: str, payload: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    meta = {"torch": torch.__version__,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    with open(path, "w") as f:
+        json.dump({"meta": meta, **payload}, f, indent=1)
+    print(f"wrote {path}", flush=True)

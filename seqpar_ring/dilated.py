@@ -1,0 +1,222 @@
+"""LongNet dilated attention over the sequence-parallel ring (the function of SPEC-dilated.md).
+
+Branch i (segment length w, rate r) lets head h attend among the positions p with
+p ≡ h (mod r) inside one segment of w' = min(w, S) tokens. Because every segment starts at a
+multiple of r, a branch is plain (causal) attention on a *sparsified* sequence — the rows
+p = o + t·r of each head, t = 0, 1, … — cut into windows of w'/r rows. So each branch:
+
+1. selects its rows locally (cached index tensors, no Python loop over tokens) — K/V shrink by
+   r before they travel;
+2. runs one ring pass (``ring.ring_forward``) in those sparse coordinates: segments that fit in
+   a rank's shard are computed locally with no communication; longer segments use a sub-ring of
+   just the w'/n ranks that share the segment;
+3. scatters its (out, lse) back to the dense rows (unselected rows: lse = -inf) and merges them
+   with the other branches by log-sum-exp — the same merge as ring blocks.
+
+Backward runs each branch's ring backward with the MERGED out and lse (one softmax over all
+branches' keys), so no branch weight is treated as a constant.
+
+Layout: contiguous only (each rank holds n = S/p consecutive tokens); every rate must divide
+n, and every w' must divide n or be a multiple of it. Query head h reads kv head h // (H/Hkv);
+with GQA, K/V are sent once per (kv head, offset) pair that some query head needs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from . import comm as C
+from .kernels import select_kernel
+from .kernels.merge import accumulation_dtype, empty_accumulators, merge_into
+from .ring import RingPass, check_inputs, ring_backward, ring_forward
+
+
+def validate_schedule(segment_lengths, dilation_rates, seq_len: int | None = None):
+    """The validation rules of SPEC-dilated.md; returns the lists as tuples."""
+    ws, rs = tuple(segment_lengths or ()), tuple(dilation_rates or ())
+    if not ws or len(ws) != len(rs):
+        raise ValueError(f"segment_lengths {list(ws)} and dilation_rates {list(rs)} must be "
+                         "non-empty lists of the same length (one rate per segment length)")
+    for w, r in zip(ws, rs):
+        if int(w) != w or int(r) != r or w < 1 or r < 1:
+            raise ValueError(f"segment length {w} / dilation rate {r}: both must be integers >= 1")
+        if w % r:
+            raise ValueError(f"segment length {w} is not a multiple of its dilation rate {r}: "
+                             f"use a segment length divisible by {r}")
+        if seq_len is not None and seq_len % min(w, seq_len):
+            raise ValueError(f"sequence length {seq_len} is not a multiple of segment length {w}: "
+                             f"pad the sequence to a multiple of {w} or change the segment length")
+    return ws, rs
+
+
+@lru_cache(maxsize=64)
+def _head_plan(heads: int, kv_heads: int, r: int, device: str):
+    """Which (kv head, offset) pairs travel, and the query-head order that groups them.
+
+    Returns (perm, inv_perm, q_off, kv_head, kv_off) as tensors: query heads in ``perm`` order map
+    to sparse kv head i // (heads / U) where U = len(kv_head).
+    """
+    g = heads // kv_heads
+    pairs = [(h // g, h % r) for h in range(heads)]
+    counts = Counter(pairs)
+    if len(set(counts.values())) == 1:  # uniform groups: send each pair once, GQA-style
+        perm = sorted(range(heads), key=lambda h: (pairs[h], h))
+        uniq = sorted(counts)
+    else:  # irregular grouping: one sparse kv head per query head
+        perm = list(range(heads))
+        uniq = pairs
+    dev = torch.device(device)
+
+    def t(x):
+        return torch.tensor(x, dtype=torch.long, device=dev)
+
+    inv = [0] * heads
+    for i, h in enumerate(perm):
+        inv[h] = i
+    return (t(perm), t(inv), t([pairs[h][1] for h in perm]), t([u[0] for u in uniq]),
+            t([u[1] for u in uniq]))
+
+
+def _select(x: torch.Tensor, offsets: torch.Tensor, r: int) -> torch.Tensor:
+    """(B, H, n, D) -> (B, H, n/r, D): row o_h + t·r of head h."""
+    b, h, n, d = x.shape
+    if r == 1:
+        return x
+    idx = offsets.view(1, h, 1, 1, 1).expand(b, h, n // r, 1, d)
+    return x.reshape(b, h, n // r, r, d).gather(3, idx).squeeze(3)
+
+
+def _scatter(xs: torch.Tensor, offsets: torch.Tensor, r: int, fill: float = 0.0) -> torch.Tensor:
+    """Inverse of ``_select``: (B, H, m, D) -> (B, H, m·r, D), ``fill`` in unselected rows."""
+    if r == 1:
+        return xs
+    b, h, m, d = xs.shape
+    out = xs.new_full((b, h, m, r, d), fill)
+    out.scatter_(3, offsets.view(1, h, 1, 1, 1).expand(b, h, m, 1, d), xs.unsqueeze(3))
+    return out.view(b, h, m * r, d)
+
+
+@dataclass
+class _Branch:
+    ps: RingPass
+    r: int
+    plan: tuple
+
+
+def _branches(q, k, group, ws, rs, *, causal, kernel, scale, bucket_size, timeout_s):
+    p, me = C.group_size(group), C.group_rank(group)
+    n = q.shape[2]
+    seq = n * p
+    out = []
+    for w, r in zip(ws, rs):
+        wp = min(w, seq)
+        plan = _head_plan(q.shape[1], k.shape[1], r, str(q.device))
+        m = n // r  # sparse rows per rank
+        if wp <= n:  # segments inside the shard: local, never on the network
+            ring, origins = None, [me]
+        else:
+            size = wp // n
+            base = (me // size) * size
+            members = list(range(base, base + size))
+            ring = C.RingComm(group, members, timeout_s=timeout_s)
+            origins = [base + (me - base - s) % size for s in range(size)]
+        ps = RingPass(ring=ring, origins=origins, chunks_of=lambda j, m=m: [(j * m, m)], me=me,
+                      causal=causal, kernel=kernel, scale=scale, bucket_size=bucket_size,
+                      window=wp // r)
+        out.append(_Branch(ps, r, plan))
+    return out
+
+
+class DilatedAttentionFunction(torch.autograd.Function):
+    """q (B, H, n, D), k/v (B, Hkv, n, D) -> out (B, H, n, D), all branches merged."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, branches):
+        out, lse = empty_accumulators(q, accumulation_dtype(q.dtype))
+        for br in branches:
+            perm, inv, q_off, kv_head, kv_off = br.plan
+            qs = _select(q[:, perm], q_off, br.r)
+            ks, vs = _select(k[:, kv_head], kv_off, br.r), _select(v[:, kv_head], kv_off, br.r)
+            o, lse_b = ring_forward(br.ps, qs, ks, vs)
+            o = _scatter(o, q_off, br.r)[:, inv]
+            lse_b = _scatter(lse_b.unsqueeze(-1), q_off, br.r, float("-inf")).squeeze(-1)[:, inv]
+            merge_into(out, lse, o, lse_b)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.branches = branches
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        acc = accumulation_dtype(q.dtype)
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+        dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+        for br in ctx.branches:
+            perm, inv, q_off, kv_head, kv_off = br.plan
+
+            def sel_q(x, perm=perm, q_off=q_off, r=br.r):
+                return _select(x[:, perm], q_off, r)
+
+            qs, dos, outs = sel_q(q), sel_q(dout), sel_q(out)
+            lses = sel_q(lse.unsqueeze(-1)).squeeze(-1)
+            ks, vs = _select(k[:, kv_head], kv_off, br.r), _select(v[:, kv_head], kv_off, br.r)
+            dqs, dks, dvs = ring_backward(br.ps, dos, qs, ks, vs, outs, lses)
+            dq.index_add_(1, perm, _scatter(dqs, q_off, br.r))
+            dk.index_add_(1, kv_head, _scatter(dks, kv_off, br.r))
+            dv.index_add_(1, kv_head, _scatter(dvs, kv_off, br.r))
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+
+
+def dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group=None,
+    *,
+    segment_lengths,
+    dilation_rates,
+    causal: bool = True,
+    layout: str = "contiguous",
+    scale: float | None = None,
+    bucket_size: int | None = None,
+    kernel: str = "auto",
+    timeout_s: float = C.DEFAULT_TIMEOUT_S,
+) -> torch.Tensor:
+    """LongNet dilated attention (SPEC-dilated.md) of the sequence sharded across ``group``.
+
+    q: (batch, seq_local, heads, head_dim); k, v: (batch, seq_local, kv_heads, head_dim), tokens
+    laid out contiguously (rank r holds [r·n, (r+1)·n)). Returns (batch, seq_local, heads,
+    head_dim): exactly the rows of the spec's function at this rank's positions.
+    ``segment_lengths=[S], dilation_rates=[1]`` is dense attention.
+    """
+    if layout != "contiguous":
+        raise ValueError(f"dilated attention supports layout='contiguous' only (got {layout!r}): "
+                         "segments are balanced by construction, so set layout='contiguous'")
+    p = C.group_size(group)
+    n = q.shape[1]
+    seq = n * p
+    ws, rs = validate_schedule(segment_lengths, dilation_rates, seq)
+    for w, r in zip(ws, rs):
+        wp = min(w, seq)
+        if n % r:
+            raise ValueError(f"seq_local {n} is not a multiple of dilation rate {r}: pad the "
+                             f"sequence to a multiple of sp_size * {r} = {p * r}")
+        if (wp <= n and n % wp) or (wp > n and wp % n):
+            raise ValueError(f"segment length {wp} neither divides nor is a multiple of the "
+                             f"per-rank length {n} (S={seq}, sp_size={p}): use power-of-two "
+                             "segment lengths and sequence lengths")
+    check_inputs(q, k, v, group, what="dilated_attention",
+                 extra=dict(causal=int(causal), branches=len(ws), w0=ws[0], r0=rs[0]))
+    kern = select_kernel(kernel, q)
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    branches = _branches(qh, kh, group, ws, rs, causal=causal, kernel=kern,
+                         scale=scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]),
+                         bucket_size=bucket_size, timeout_s=timeout_s)
+    return DilatedAttentionFunction.apply(qh, kh, vh, branches).transpose(1, 2)

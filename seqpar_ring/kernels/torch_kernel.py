@@ -1,0 +1,146 @@
+"""Pure-PyTorch block attention: the reference kernel, the CPU path and the fp64 path.
+
+One call computes one Q block against one K/V block and returns (out, lse). Work is split into
+buckets of ``bucket_size`` query and key rows, merged with the same log-sum-exp rule the ring
+uses, so the score tile is at most (bucket, bucket) per head whatever the block length; the
+backward recomputes scores bucket by bucket from q, k, v and the *merged* out/lse (the
+FlashAttention-2 identity), so nothing quadratic is ever stored.
+
+Layout: q (batch, heads, q_len, head_dim); k, v (batch, kv_heads, k_len, head_dim) with
+heads % kv_heads == 0 — query head h reads kv head h // (heads // kv_heads). K/V are never
+repeated: queries are viewed as (batch, kv_heads, group, q_len, head_dim) and broadcast.
+
+Masks: ``causal=True`` means the two blocks cover the same token positions (a diagonal block of
+the ring), so key j is visible to query i iff j <= i. ``q_doc``/``k_doc`` (batch, len) are
+document ids of packed sequences: a key is visible only within the same document and never
+when its id is negative (padding).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .merge import accumulation_dtype, empty_accumulators, merge_into
+
+
+def _ranges(n: int, bucket: int | None) -> list[tuple[int, int]]:
+    step = n if not bucket or bucket >= n else bucket
+    return [(s, min(s + step, n)) for s in range(0, n, step)]
+
+
+def _mask(
+    qs: int, qe: int, ks: int, ke: int, causal: bool, q_doc, k_doc, device
+) -> torch.Tensor | None:
+    """Boolean visibility mask broadcastable to (B, Hkv, G, q, k), or None when all visible."""
+    mask = None
+    if causal and ke - 1 > qs:  # some key of this tile lies after some query
+        qi = torch.arange(qs, qe, device=device).unsqueeze(1)
+        kj = torch.arange(ks, ke, device=device).unsqueeze(0)
+        mask = (kj <= qi).view(1, 1, 1, qe - qs, ke - ks)
+    if q_doc is not None:
+        qd = q_doc[:, qs:qe].unsqueeze(2)
+        kd = k_doc[:, ks:ke].unsqueeze(1)
+        doc = ((qd == kd) & (kd >= 0)).view(qd.shape[0], 1, 1, qe - qs, ke - ks)
+        mask = doc if mask is None else mask & doc
+    return mask
+
+
+def _scores(qb, kb, scale, mask) -> torch.Tensor:
+    s = torch.matmul(qb, kb.transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return s
+
+
+def _finite(lse: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+
+
+def _grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    b, h, n, d = q.shape
+    return q.reshape(b, kv_heads, h // kv_heads, n, d)
+
+
+def block_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    q_doc: torch.Tensor | None = None,
+    k_doc: torch.Tensor | None = None,
+    bucket_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of one Q block over one K/V block.
+
+    Returns out (batch, heads, q_len, head_dim) and lse (batch, heads, q_len), both in the
+    accumulation dtype (fp32, or fp64 for fp64 inputs). Rows with no visible key: out 0, lse -inf.
+    """
+    acc = accumulation_dtype(q.dtype)
+    hkv = k.shape[1]
+    qg = _grouped(q, hkv)
+    out, lse = empty_accumulators(qg, acc)
+    kc, vc = k.unsqueeze(2), v.unsqueeze(2)
+    nk = k.shape[2]
+    for qs, qe in _ranges(q.shape[2], bucket_size):
+        qb = qg[..., qs:qe, :].to(acc)
+        o_acc, l_acc = out[..., qs:qe, :], lse[..., qs:qe]
+        for ks, ke in _ranges(nk, bucket_size):
+            if causal and ks > qe - 1:
+                break  # every key of the tile lies in the future of every query
+            mask = _mask(qs, qe, ks, ke, causal, q_doc, k_doc, q.device)
+            s = _scores(qb, kc[..., ks:ke, :].to(acc), scale, mask)
+            blk_lse = torch.logsumexp(s, dim=-1)
+            p = torch.exp(s - _finite(blk_lse).unsqueeze(-1))
+            blk_out = torch.matmul(p, vc[..., ks:ke, :].to(acc))
+            merge_into(o_acc, l_acc, blk_out, blk_lse)
+    return out.flatten(1, 2), lse.flatten(1, 2)
+
+
+def block_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    q_doc: torch.Tensor | None = None,
+    k_doc: torch.Tensor | None = None,
+    bucket_size: int | None = None,
+    delta: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of one block given the MERGED out and lse of the whole attention.
+
+    dout, out: (batch, heads, q_len, head_dim); lse: (batch, heads, q_len). ``delta`` =
+    rowsum(dout * out) may be passed in when the caller runs many blocks against one Q.
+    Returns dq (batch, heads, q_len, head_dim) and dk, dv (batch, kv_heads, k_len, head_dim)
+    in the accumulation dtype.
+    """
+    acc = accumulation_dtype(q.dtype)
+    hkv = k.shape[1]
+    qg, dog = _grouped(q, hkv), _grouped(dout, hkv)
+    if delta is None:
+        delta = (dout.to(acc) * out.to(acc)).sum(-1)
+    deltag = delta.reshape(qg.shape[:-1])
+    lseg = _finite(lse.to(acc)).reshape(qg.shape[:-1])
+    dq = torch.zeros(qg.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+    kc, vc = k.unsqueeze(2), v.unsqueeze(2)
+    for qs, qe in _ranges(q.shape[2], bucket_size):
+        qb, dob = qg[..., qs:qe, :].to(acc), dog[..., qs:qe, :].to(acc)
+        for ks, ke in _ranges(k.shape[2], bucket_size):
+            if causal and ks > qe - 1:
+                break
+            mask = _mask(qs, qe, ks, ke, causal, q_doc, k_doc, q.device)
+            kb, vb = kc[..., ks:ke, :].to(acc), vc[..., ks:ke, :].to(acc)
+            p = torch.exp(_scores(qb, kb, scale, mask) - lseg[..., qs:qe].unsqueeze(-1))
+            dv[..., ks:ke, :] += torch.matmul(p.transpose(-1, -2), dob).sum(2)
+            ds = p * (torch.matmul(dob, vb.transpose(-1, -2)) - deltag[..., qs:qe].unsqueeze(-1))
+            dq[..., qs:qe, :] += torch.matmul(ds, kb) * scale
+            dk[..., ks:ke, :] += (torch.matmul(ds.transpose(-1, -2), qb) * scale).sum(2)
+    return dq.flatten(1, 2), dk, dv

@@ -1,0 +1,199 @@
+"""Where each token lives: contiguous and zigzag sharding of a sequence over the SP ranks.
+
+Layouts for p ranks and a sequence of S tokens (S must be a multiple of ``seq_len_divisor``):
+
+* ``contiguous``: rank r holds tokens [r*S/p, (r+1)*S/p).
+* ``zigzag``: the sequence is cut into 2p chunks of S/(2p); rank r holds chunk r followed by
+  chunk 2p-1-r. Under a causal mask every rank then does the same amount of work.
+
+Every function shards along ``dim`` (default 1: tensors are ``(batch, seq, ...)``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .config import LAYOUTS
+
+__all__ = [
+    "seq_len_divisor",
+    "chunk_ranges",
+    "local_positions",
+    "shard",
+    "unshard",
+    "gather",
+    "shard_batch",
+]
+
+
+def _check(sp_size: int, layout: str, sp_rank: int | None = None) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not one of {LAYOUTS}")
+    if isinstance(sp_size, bool) or not isinstance(sp_size, int) or sp_size < 1:
+        raise ValueError(f"sp_size={sp_size!r} must be an integer >= 1")
+    if sp_rank is not None and not 0 <= sp_rank < sp_size:
+        raise ValueError(f"sp_rank={sp_rank!r} must be in [0, {sp_size}) for sp_size={sp_size}")
+
+
+def seq_len_divisor(sp_size: int, layout: str) -> int:
+    """The multiple every total sequence length must be: p (contiguous) or 2p (zigzag)."""
+    _check(sp_size, layout)
+    return sp_size * (2 if layout == "zigzag" else 1)
+
+
+def chunk_ranges(seq_len: int, sp_size: int, sp_rank: int, layout: str) -> list[tuple[int, int]]:
+    """``[(global_start, length), ...]`` owned by ``sp_rank``, in local order.
+
+    contiguous -> one chunk; zigzag -> chunk r then chunk 2p-1-r.
+    """
+    _check(sp_size, layout, sp_rank)
+    div = seq_len_divisor(sp_size, layout)
+    if seq_len % div != 0:
+        raise ValueError(
+            f"seq_len={seq_len} is not a multiple of {div} (layout={layout!r}, "
+            f"sp_size={sp_size}): pad the batch, e.g. shard_batch(..., pad_to_multiple_of={div})"
+        )
+    if layout == "contiguous":
+        n = seq_len // sp_size
+        return [(sp_rank * n, n)]
+    c = seq_len // (2 * sp_size)
+    return [(sp_rank * c, c), ((2 * sp_size - 1 - sp_rank) * c, c)]
+
+
+def local_positions(seq_len: int, sp_size: int, sp_rank: int, layout: str) -> torch.LongTensor:
+    """``(seq_len // p,)`` global positions of the rank's tokens, in local order."""
+    ranges = chunk_ranges(seq_len, sp_size, sp_rank, layout)
+    return torch.cat([torch.arange(s, s + n) for s, n in ranges])  # type: ignore[return-value]
+
+
+def shard(x: Tensor, sp_size: int, sp_rank: int, layout: str, dim: int = 1) -> Tensor:
+    """The rank's tokens of ``x`` along ``dim``: ``(..., S, ...)`` -> ``(..., S/p, ...)``."""
+    ranges = chunk_ranges(x.shape[dim], sp_size, sp_rank, layout)
+    parts = [x.narrow(dim, s, n) for s, n in ranges]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+def unshard(shards: Sequence[Tensor], layout: str, dim: int = 1) -> Tensor:
+    """Inverse of ``[shard(x, p, r, layout, dim) for r in range(p)]``."""
+    p = len(shards)
+    _check(p, layout)
+    n = shards[0].shape[dim]
+    if any(s.shape[dim] != n for s in shards):
+        raise ValueError(
+            f"shards differ in length along dim {dim}: {[s.shape[dim] for s in shards]}; "
+            "pass the shards of one tensor, one per sp_rank in order"
+        )
+    if layout == "contiguous":
+        return torch.cat(list(shards), dim=dim)
+    if n % 2 != 0:
+        raise ValueError(f"zigzag shards hold two equal chunks, got odd length {n} on dim {dim}")
+    c = n // 2
+    chunks: list[Tensor | None] = [None] * (2 * p)
+    for r, s in enumerate(shards):
+        chunks[r] = s.narrow(dim, 0, c)
+        chunks[2 * p - 1 - r] = s.narrow(dim, c, c)
+    return torch.cat(chunks, dim=dim)  # type: ignore[arg-type]
+
+
+def gather(x_local: Tensor, group: dist.ProcessGroup | None, layout: str, dim: int = 1) -> Tensor:
+    """All-gather the shards of ``x_local`` over ``group`` and put tokens back in global order.
+
+    ``(..., S/p, ...)`` -> ``(..., S, ...)`` on every rank. ``group`` None or of size 1: no
+    communication (returns ``x_local``). Not differentiable: for outputs, metrics and tests.
+    """
+    if group is None or dist.get_world_size(group) == 1:
+        return x_local
+    x = x_local.detach().contiguous()
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x, group=group)
+    return unshard(parts, layout, dim=dim)
+
+
+def _pad_right(x: Tensor, amount: int, value: Any) -> Tensor:
+    shape = list(x.shape)
+    shape[1] = amount
+    return torch.cat([x, torch.full(shape, value, dtype=x.dtype, device=x.device)], dim=1)
+
+
+def shard_batch(
+    batch: dict[str, Any],
+    sp_size: int,
+    sp_rank: int,
+    layout: str,
+    *,
+    pad_to_multiple_of: int | None = None,
+    pad_token_id: int = 0,
+    ignore_index: int = -100,
+) -> dict[str, Any]:
+    """Shard an HF-style batch of ``(batch, seq, ...)`` tensors for one SP rank.
+
+    1. ``labels`` (if given) are shifted over the WHOLE row into ``shift_labels`` (position t
+       holds the label of token t+1, the last is ``ignore_index``; labels of tokens with
+       ``attention_mask == 0`` become ``ignore_index``). Shifting after sharding would lose the
+       first label of every shard. ``labels`` is left out of the output because HF models shift
+       ``labels`` again; they use ``shift_labels`` as given. A given ``shift_labels`` is kept.
+    2. ``position_ids`` are made global (``0..S-1`` per row) when absent, since RoPE and causal
+       masks need each token's global position, not its position in the shard.
+    3. With ``pad_to_multiple_of`` the row is padded on the right to a multiple of
+       lcm(pad_to_multiple_of, seq_len_divisor): ``input_ids`` with ``pad_token_id``,
+       ``attention_mask`` 0, labels ``ignore_index``, positions continue, other tensors 0.
+       No ``attention_mask`` is created: right padding with ignored labels is invisible to the
+       real tokens under a causal mask.
+    4. Every tensor with sequence dim 1 is sharded with `shard`; other values pass unchanged.
+    """
+    div = seq_len_divisor(sp_size, layout)
+    _check(sp_size, layout, sp_rank)
+    seq = {k: v for k, v in batch.items() if isinstance(v, Tensor) and v.dim() >= 2}
+    if not seq:
+        raise ValueError("shard_batch needs at least one (batch, seq, ...) tensor, e.g. input_ids")
+    ref = next((k for k in ("input_ids", "inputs_embeds", "labels") if k in seq), next(iter(seq)))
+    bsz, seq_len = seq[ref].shape[:2]
+    for k, v in seq.items():
+        if tuple(v.shape[:2]) != (bsz, seq_len):
+            raise ValueError(
+                f"batch[{k!r}] has shape {tuple(v.shape)} but {ref!r} is ({bsz}, {seq_len}, ...): "
+                "sequence parallelism needs every per-token tensor as (batch, seq, ...) "
+                "(4D attention masks are not supported: pass a 2D attention_mask)"
+            )
+
+    out = dict(batch)
+    mask = seq.get("attention_mask")
+    labels = out.pop("labels", None)
+    if "shift_labels" not in seq and isinstance(labels, Tensor):
+        if mask is not None:
+            labels = labels.masked_fill(mask == 0, ignore_index)
+        seq["shift_labels"] = _pad_right(labels[:, 1:], 1, ignore_index)
+    seq.pop("labels", None)
+    if "position_ids" not in seq:
+        device = seq[ref].device
+        seq["position_ids"] = torch.arange(seq_len, device=device).expand(bsz, seq_len)
+
+    if pad_to_multiple_of is not None:
+        if isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int) or (
+            pad_to_multiple_of < 1
+        ):
+            raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of!r} must be an integer >= 1")
+        mult = math.lcm(pad_to_multiple_of, div)
+        amount = -seq_len % mult
+        if amount:
+            for k, v in seq.items():
+                if k == "position_ids":
+                    step = torch.arange(1, amount + 1, device=v.device, dtype=v.dtype)
+                    seq[k] = torch.cat([v, v[:, -1:] + step], dim=1)
+                else:
+                    value = {"input_ids": pad_token_id, "shift_labels": ignore_index}.get(k, 0)
+                    seq[k] = _pad_right(v, amount, value)
+    elif seq_len % div != 0:
+        raise ValueError(
+            f"seq_len={seq_len} is not a multiple of {div} (layout={layout!r}, "
+            f"sp_size={sp_size}): pass pad_to_multiple_of={div} to shard_batch"
+        )
+
+    for k, v in seq.items():
+        out[k] = shard(v, sp_size, sp_rank, layout, dim=1)
+    return out

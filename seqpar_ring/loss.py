@@ -1,0 +1,78 @@
+"""Token-weighted cross entropy over the tokens of a whole SP group.
+
+Every rank holds the logits of its own tokens. The loss of the sample is the mean over ALL
+valid labels of the SP group: sum of per-token losses / global count of valid labels. Taking
+the mean of each rank's local mean instead is wrong whenever ranks hold different numbers of
+valid labels (padding, prompt masking), and divides by zero on a rank with none.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["sp_cross_entropy"]
+
+
+class _SPCrossEntropy(torch.autograd.Function):
+    """Forward: one all-reduce of (loss sum, valid count). Backward: local only.
+
+    The global mean depends on this rank's logits only through its own tokens' terms, so
+    d(loss)/d(local logits) = (softmax - onehot) / global_count on valid tokens: no
+    communication. Summed over SP ranks, the parameter gradients are the true gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor, group, ignore_index: int) -> Tensor:
+        x = logits.reshape(-1, logits.shape[-1]).float()  # fp32 whatever the logits dtype
+        y = labels.reshape(-1)
+        valid = y != ignore_index
+        safe_y = torch.where(valid, y, torch.zeros_like(y))  # ignored tokens index class 0
+        lse = torch.logsumexp(x, dim=-1)
+        picked = x.gather(1, safe_y.unsqueeze(1)).squeeze(1)
+        tok_loss = torch.where(valid, lse - picked, torch.zeros_like(lse))
+        # float64 keeps the count exact beyond 2**24 tokens and the sum free of rounding drift
+        stats = torch.stack([tok_loss.sum().double(), valid.sum().double()])
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+        count = stats[1].clamp(min=1.0)  # no valid label anywhere: loss 0, gradient 0
+        ctx.save_for_backward(logits, safe_y, valid, lse, count)
+        return (stats[0] / count).float()
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        logits, safe_y, valid, lse, count = ctx.saved_tensors
+        x = logits.reshape(-1, logits.shape[-1]).float()
+        grad = torch.exp(x - lse.unsqueeze(1))  # softmax, recomputed to save memory
+        grad.scatter_add_(1, safe_y.unsqueeze(1), torch.full_like(lse, -1.0).unsqueeze(1))
+        scale = (grad_out.double() / count).float()
+        grad.mul_(valid.unsqueeze(1).to(grad.dtype) * scale)
+        return grad.view(logits.shape).to(logits.dtype), None, None, None
+
+
+def sp_cross_entropy(
+    logits: Tensor,
+    shift_labels: Tensor,
+    group: dist.ProcessGroup | None = None,
+    ignore_index: int = -100,
+) -> Tensor:
+    """Mean cross entropy over every valid label of the SP group (same value on every rank).
+
+    Args:
+        logits: ``(batch, seq_local, vocab)``, any float dtype (computed in fp32).
+        shift_labels: ``(batch, seq_local)`` already shifted over the whole row before sharding
+            (`seqpar_ring.layout.shard_batch`); ``ignore_index`` marks tokens without a label.
+        group: the SP group; None or size 1 = this rank's tokens only.
+    Returns:
+        fp32 scalar. 0 (with zero gradient) when no rank has a valid label.
+    """
+    if logits.shape[:-1] != shift_labels.shape:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and shift_labels {tuple(shift_labels.shape)} do not "
+            "match: expected logits (batch, seq_local, vocab) and labels (batch, seq_local) "
+            "sharded the same way"
+        )
+    if shift_labels.dtype.is_floating_point:
+        raise ValueError(f"shift_labels must be an integer tensor, got {shift_labels.dtype}")
+    return _SPCrossEntropy.apply(logits, shift_labels.long(), group, ignore_index)

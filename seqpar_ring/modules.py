@@ -1,0 +1,99 @@
+"""nn.Module front ends: config-driven dispatch and a drop-in for ``nn.MultiheadAttention``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import SeqParConfig
+from .dilated import dilated_attention
+from .ring import ring_attention
+
+
+def sp_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    config: SeqParConfig,
+    group=None,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    doc_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run the attention ``config`` selects (ring or dilated) on (batch, seq_local, heads, dim)."""
+    common = dict(causal=causal, layout=config.layout, scale=scale, bucket_size=config.bucket_size,
+                  kernel=config.kernel, timeout_s=config.comm_timeout_s)
+    if config.attention == "dilated":
+        if doc_ids is not None:
+            raise ValueError("dilated attention does not support packed documents or padding "
+                             "masks; use attention='ring' for packed batches")
+        return dilated_attention(q, k, v, group, segment_lengths=config.segment_lengths,
+                                 dilation_rates=config.dilation_rates, **common)
+    return ring_attention(q, k, v, group, comm=config.comm, doc_ids=doc_ids, **common)
+
+
+class RingDilatedMultiheadAttention(nn.Module):
+    """Self-attention over a sequence sharded across an SP group (ring or LongNet-dilated).
+
+    Shaped like ``nn.MultiheadAttention(embed_dim, num_heads, batch_first=True)``: input and
+    output are (batch, seq_local, embed_dim), each rank holding its shard in ``config.layout``.
+    ``kv_heads`` < ``num_heads`` gives grouped-query attention (K/V travel with kv_heads heads).
+    ``forward`` returns ``(output, None)`` — attention weights are never materialised.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        kv_heads: int | None = None,
+        bias: bool = True,
+        config: SeqParConfig | None = None,
+        group=None,
+        causal: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        kv_heads = kv_heads or num_heads
+        if embed_dim % num_heads or num_heads % kv_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads "
+                             f"({num_heads}) "
+                             f"and num_heads by kv_heads ({kv_heads})")
+        self.embed_dim, self.num_heads, self.kv_heads = embed_dim, num_heads, kv_heads
+        self.head_dim = embed_dim // num_heads
+        self.config = config or SeqParConfig()
+        self.group, self.causal = group, causal
+        kw = dict(bias=bias, device=device, dtype=dtype)
+        self.q_proj = nn.Linear(embed_dim, embed_dim, **kw)
+        self.kv_proj = nn.Linear(embed_dim, 2 * kv_heads * self.head_dim, **kw)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, **kw)
+
+    def forward(self, x: torch.Tensor, need_weights: bool = False):
+        if need_weights:
+            raise ValueError("need_weights=True would materialise the (S x S) attention matrix; "
+                             "RingDilatedMultiheadAttention never does")
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim)
+        k, v = self.kv_proj(x).view(b, n, 2, self.kv_heads, self.head_dim).unbind(2)
+        out = sp_attention(q, k, v, self.config, self.group, causal=self.causal)
+        return self.out_proj(out.reshape(b, n, self.embed_dim)), None
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
+                f"kv_heads={self.kv_heads}, "
+                f"attention={self.config.attention}, layout={self.config.layout}")
+
+
+def reference_forward(module: RingDilatedMultiheadAttention, x_full: torch.Tensor) -> torch.Tensor:
+    """Single-device dense result of ``module`` on the full sequence (for checks and demos)."""
+    b, s, _ = x_full.shape
+    q = module.q_proj(x_full).view(b, s, module.num_heads, module.head_dim).transpose(1, 2)
+    k, v = module.kv_proj(x_full).view(b, s, 2, module.kv_heads, module.head_dim).unbind(2)
+    rep = module.num_heads // module.kv_heads
+    k = k.transpose(1, 2).repeat_interleave(rep, 1)
+    v = v.transpose(1, 2).repeat_interleave(rep, 1)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=module.causal)
+    return module.out_proj(out.transpose(1, 2).reshape(b, s, module.embed_dim))

@@ -1,0 +1,90 @@
+"""Which local kernel calls one (Q shard, K/V shard) pair needs — pure geometry, no tensors.
+
+A shard is a list of equal-length chunks ``(global_start, length)`` in local order (one chunk
+for the contiguous layout, chunks r and 2p-1-r for zigzag). Chunk pairs are compared by their
+GLOBAL positions, never by ring step:
+
+- causal, key chunk after the query chunk: skipped;
+- causal, same chunk: a diagonal call (``causal=True``: key j visible iff j <= i);
+- otherwise: a full call. Adjacent chunk pairs with the same verdict are coalesced into one
+  larger call (fewer, bigger kernels are what fused attention runs fast on).
+
+With a ``window`` (dilated segments, in the same coordinates as the chunks) a pair is visible only
+inside one window: when the window is at least a chunk long, chunks in different windows are
+skipped; when it is shorter, only a chunk with itself is visible and the call is *segmented*
+(the kernel runs over the chunk cut into windows, batched).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+Chunks = Sequence[tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class BlockCall:
+    """One kernel call: local row slices of Q and K/V, diagonal mask, optional segment window."""
+
+    q: slice
+    k: slice
+    causal: bool
+    window: int | None = None
+
+
+def _runs(indices: Sequence[int]) -> list[tuple[int, int]]:
+    """Consecutive runs of sorted integers as inclusive (first, last) pairs."""
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i - 1:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs
+
+
+def plan_blocks(
+    q_chunks: Chunks, k_chunks: Chunks, causal: bool, window: int | None = None
+) -> list[BlockCall]:
+    """Kernel calls for the Q shard ``q_chunks`` against the K/V shard ``k_chunks``."""
+    length = q_chunks[0][1]
+    if any(n != length for _, n in (*q_chunks, *k_chunks)):
+        raise ValueError("all chunks of a ring must have the same length")
+    calls: list[BlockCall] = []
+    full_sets: list[tuple[int, ...]] = []
+    for a, (qs, _) in enumerate(q_chunks):
+        full: list[int] = []
+        for b, (ks, _) in enumerate(k_chunks):
+            if window is not None and window < length:
+                if qs == ks:  # only a chunk sees itself; segments are inside it
+                    calls.append(_call(a, b, length, causal, window))
+                continue
+            if window is not None and qs // window != ks // window:
+                continue
+            if causal and ks > qs:
+                continue
+            if causal and ks == qs:
+                calls.append(_call(a, b, length, True))
+            else:
+                full.append(b)
+        full_sets.append(tuple(full))
+    # Coalesce: consecutive query chunks that see the same key chunks share one call per key run.
+    a = 0
+    while a < len(full_sets):
+        end = a
+        while end + 1 < len(full_sets) and full_sets[end + 1] == full_sets[a]:
+            end += 1
+        for k0, k1 in _runs(full_sets[a]):
+            calls.append(
+                BlockCall(slice(a * length, (end + 1) * length),
+                          slice(k0 * length, (k1 + 1) * length), False)
+            )
+        a = end + 1
+    return calls
+
+
+def _call(a: int, b: int, length: int, causal: bool, window: int | None = None) -> BlockCall:
+    return BlockCall(
+        slice(a * length, (a + 1) * length), slice(b * length, (b + 1) * length), causal, window
+    )
