@@ -17,7 +17,9 @@ Backward runs each branch's ring backward with the MERGED out and lse (one softm
 branches' keys), so no branch weight is treated as a constant.
 
 Layout: contiguous only (each rank holds n = S/p consecutive tokens); every rate must divide
-n, and every w' must divide n or be a multiple of it. Query head h reads kv head h // (H/Hkv);
+n. Segments aligned with the shards (w' divides n or is a multiple of it — e.g. powers of two)
+run on any kernel and send K/V only within their sub-ring; other segment lengths are exact too,
+but use the whole ring and the row-masked torch kernel. Query head h reads kv head h // (H/Hkv);
 with GQA, K/V are sent once per (kv head, offset) pair that some query head needs.
 """
 
@@ -117,14 +119,16 @@ def _branches(q, k, group, ws, rs, *, causal, kernel, scale, bucket_size, timeou
         wp = min(w, seq)
         plan = _head_plan(q.shape[1], k.shape[1], r, str(q.device))
         m = n // r  # sparse rows per rank
-        if wp <= n:  # segments inside the shard: local, never on the network
+        if wp <= n and n % wp == 0:  # segments inside the shard: local, never on the network
             ring, origins = None, [me]
-        else:
+        elif wp > n and wp % n == 0:  # a segment spans `size` whole shards: a sub-ring of them
             size = wp // n
             base = (me // size) * size
-            members = list(range(base, base + size))
-            ring = C.RingComm(group, members, timeout_s=timeout_s)
+            ring = C.RingComm(group, list(range(base, base + size)), timeout_s=timeout_s)
             origins = [base + (me - base - s) % size for s in range(size)]
+        else:  # segments straddle shard boundaries: the whole ring, masked by window index
+            ring = C.RingComm(group, timeout_s=timeout_s) if p > 1 else None
+            origins = [(me - s) % p for s in range(p)]
         ps = RingPass(ring=ring, origins=origins, chunks_of=lambda j, m=m: [(j * m, m)], me=me,
                       causal=causal, kernel=kernel, scale=scale, bucket_size=bucket_size,
                       window=wp // r)
@@ -203,18 +207,17 @@ def dilated_attention(
     n = q.shape[1]
     seq = n * p
     ws, rs = validate_schedule(segment_lengths, dilation_rates, seq)
+    aligned = True
     for w, r in zip(ws, rs):
         wp = min(w, seq)
         if n % r:
             raise ValueError(f"seq_local {n} is not a multiple of dilation rate {r}: pad the "
                              f"sequence to a multiple of sp_size * {r} = {p * r}")
-        if (wp <= n and n % wp) or (wp > n and wp % n):
-            raise ValueError(f"segment length {wp} neither divides nor is a multiple of the "
-                             f"per-rank length {n} (S={seq}, sp_size={p}): use power-of-two "
-                             "segment lengths and sequence lengths")
+        aligned &= (wp <= n and n % wp == 0) or (wp > n and wp % n == 0)
     check_inputs(q, k, v, group, what="dilated_attention",
                  extra=dict(causal=int(causal), branches=len(ws), w0=ws[0], r0=rs[0]))
-    kern = select_kernel(kernel, q)
+    # Segments that straddle shards are masked per row, which only the torch kernel can do.
+    kern = select_kernel(kernel, q, doc_ids=not aligned)
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     branches = _branches(qh, kh, group, ws, rs, causal=causal, kernel=kern,
                          scale=scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]),

@@ -63,9 +63,19 @@ def _unsegmented(x: torch.Tensor, b: int) -> torch.Tensor:
     return y.reshape(b, h, nseg * x.shape[2], *x.shape[3:])
 
 
+def _window_ids(call: BlockCall, b: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Window index of every row of a masked call, as (batch, rows) document ids."""
+    q = (torch.arange(n, device=device) + call.q0) // call.window
+    k = (torch.arange(n, device=device) + call.k0) // call.window
+    return q.expand(b, n), k.expand(b, n)
+
+
 def _fwd_call(ps: RingPass, call: BlockCall, q, k, v, q_doc, k_doc):
     qb, kb, vb = q[:, :, call.q], k[:, :, call.k], v[:, :, call.k]
     kw = dict(causal=call.causal, scale=ps.scale, bucket_size=ps.bucket_size)
+    if call.masked:
+        qd, kd = _window_ids(call, q.shape[0], qb.shape[2], q.device)
+        return ps.kernel.forward(qb, kb, vb, q_doc=qd, k_doc=kd, **kw)
     if call.window is None:
         qd = None if q_doc is None else q_doc[:, call.q]
         kd = None if k_doc is None else k_doc[:, call.k]
@@ -78,9 +88,12 @@ def _fwd_call(ps: RingPass, call: BlockCall, q, k, v, q_doc, k_doc):
 def _bwd_call(ps: RingPass, call: BlockCall, dout, q, k, v, out, lse, delta, q_doc, k_doc):
     sl = (slice(None), slice(None), call.q)
     kw = dict(causal=call.causal, scale=ps.scale, bucket_size=ps.bucket_size)
-    if call.window is None:
-        qd = None if q_doc is None else q_doc[:, call.q]
-        kd = None if k_doc is None else k_doc[:, call.k]
+    if call.window is None or call.masked:
+        if call.masked:
+            qd, kd = _window_ids(call, q.shape[0], q[sl].shape[2], q.device)
+        else:
+            qd = None if q_doc is None else q_doc[:, call.q]
+            kd = None if k_doc is None else k_doc[:, call.k]
         return ps.kernel.backward(
             dout[sl], q[sl], k[:, :, call.k], v[:, :, call.k], out[sl], lse[sl],
             q_doc=qd, k_doc=kd, delta=delta[sl], **kw,

@@ -10,9 +10,11 @@ GLOBAL positions, never by ring step:
   larger call (fewer, bigger kernels are what fused attention runs fast on).
 
 With a ``window`` (dilated segments, in the same coordinates as the chunks) a pair is visible only
-inside one window: when the window is at least a chunk long, chunks in different windows are
-skipped; when it is shorter, only a chunk with itself is visible and the call is *segmented*
-(the kernel runs over the chunk cut into windows, batched).
+inside one window. When windows and chunks are aligned (one length divides the other) this stays
+a block decision: a window at least a chunk long skips chunks in other windows; a shorter one
+makes only a chunk with itself visible, and the call is *segmented* (the kernel runs over the
+chunk cut into windows, batched). Unaligned windows straddle chunk boundaries: such calls are
+*masked* — the kernel gets each row's window index as a document id (torch kernel only).
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ class BlockCall:
     k: slice
     causal: bool
     window: int | None = None
+    masked: bool = False     # window straddles chunks: mask by window index of each position
+    q0: int = 0              # global position of the first row of q / k (masked calls)
+    k0: int = 0
 
 
 def _runs(indices: Sequence[int]) -> list[tuple[int, int]]:
@@ -53,9 +58,15 @@ def plan_blocks(
         raise ValueError("all chunks of a ring must have the same length")
     calls: list[BlockCall] = []
     full_sets: list[tuple[int, ...]] = []
+    aligned = window is None or window % length == 0 or length % window == 0
     for a, (qs, _) in enumerate(q_chunks):
         full: list[int] = []
         for b, (ks, _) in enumerate(k_chunks):
+            if not aligned:
+                if _windows_meet(qs, ks, length, window) and not (causal and ks > qs):
+                    base = _call(a, b, length, causal and ks == qs)
+                    calls.append(BlockCall(base.q, base.k, base.causal, window, True, qs, ks))
+                continue
             if window is not None and window < length:
                 if qs == ks:  # only a chunk sees itself; segments are inside it
                     calls.append(_call(a, b, length, causal, window))
@@ -82,6 +93,13 @@ def plan_blocks(
             )
         a = end + 1
     return calls
+
+
+def _windows_meet(qs: int, ks: int, length: int, window: int) -> bool:
+    """Do [qs, qs+length) and [ks, ks+length) share a window of size ``window``?"""
+    q_first, q_last = qs // window, (qs + length - 1) // window
+    k_first, k_last = ks // window, (ks + length - 1) // window
+    return q_first <= k_last and k_first <= q_last
 
 
 def _call(a: int, b: int, length: int, causal: bool, window: int | None = None) -> BlockCall:
