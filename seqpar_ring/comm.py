@@ -13,6 +13,7 @@ sends ~1/r of dense mode's bytes with it). To trace every send/recv, set
 from __future__ import annotations
 
 import logging
+import zlib
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Sequence
@@ -133,14 +134,24 @@ def agree(meta: dict[str, int], group, what: str) -> None:
     if group_size(group) == 1:
         return
     keys = sorted(meta)
+    # The first field identifies the call itself, so ranks that reached *different* calls are
+    # told so instead of comparing unrelated fields.
+    op = zlib.crc32(("|".join([what, *keys])).encode()) & 0x7FFFFFFF
     device = _comm_device(group)
-    local = torch.tensor([meta[k] for k in keys], dtype=torch.int64, device=device)
-    gathered = torch.empty(group_size(group) * len(keys), dtype=torch.int64, device=device)
+    local = torch.tensor([op] + [meta[k] for k in keys], dtype=torch.int64, device=device)
+    gathered = torch.empty(group_size(group) * local.numel(), dtype=torch.int64, device=device)
     _all_gather_single(gathered, local, group=group)
-    rows = gathered.view(-1, len(keys)).cpu().tolist()
-    bad = [k for i, k in enumerate(keys) if len({row[i] for row in rows}) > 1]
+    rows = gathered.view(group_size(group), -1).cpu().tolist()
+    if len({row[0] for row in rows}) > 1:
+        mine = [r for r, row in enumerate(rows) if row[0] == op]
+        raise RuntimeError(
+            f"{what}: the ranks of the sequence-parallel group are in different operations "
+            f"(ranks {mine} are in {what}, the others elsewhere): every SP rank must run the same "
+            "model code on the same step — check rank-dependent branches (e.g. `if rank == 0`)"
+        )
+    bad = [k for i, k in enumerate(keys) if len({row[i + 1] for row in rows}) > 1]
     if bad:
-        detail = "; ".join(f"{k}: " + ", ".join(f"rank{r}={row[keys.index(k)]}"
+        detail = "; ".join(f"{k}: " + ", ".join(f"rank{r}={row[keys.index(k) + 1]}"
                                                  for r, row in enumerate(rows)) for k in bad)
         raise ValueError(
             f"{what}: ranks of the sequence-parallel group disagree on {detail}. Every SP rank "

@@ -56,13 +56,26 @@ def validate_schedule(segment_lengths, dilation_rates, seq_len: int | None = Non
     return ws, rs
 
 
-@lru_cache(maxsize=64)
-def _head_plan(heads: int, kv_heads: int, r: int, device: str):
+@dataclass(frozen=True)
+class HeadPlan:
     """Which (kv head, offset) pairs travel, and the query-head order that groups them.
 
-    Returns (perm, inv_perm, q_off, kv_head, kv_off) as tensors: query heads in ``perm`` order map
-    to sparse kv head i // (heads / U) where U = len(kv_head).
+    Query heads in ``perm`` order map to sparse kv head i // (heads / U), U = len(kv_head).
+    ``q_identity`` / ``kv_identity``: no head reordering is needed (MHA, and GQA whenever the
+    rate keeps heads in order) — then rows are gathered and scattered in place, no dense copies.
     """
+
+    perm: torch.Tensor
+    inv: torch.Tensor
+    q_off: torch.Tensor
+    kv_head: torch.Tensor
+    kv_off: torch.Tensor
+    q_identity: bool
+    kv_identity: bool
+
+
+@lru_cache(maxsize=64)
+def _head_plan(heads: int, kv_heads: int, r: int, device: str) -> HeadPlan:
     g = heads // kv_heads
     pairs = [(h // g, h % r) for h in range(heads)]
     counts = Counter(pairs)
@@ -80,8 +93,15 @@ def _head_plan(heads: int, kv_heads: int, r: int, device: str):
     inv = [0] * heads
     for i, h in enumerate(perm):
         inv[h] = i
-    return (t(perm), t(inv), t([pairs[h][1] for h in perm]), t([u[0] for u in uniq]),
-            t([u[1] for u in uniq]))
+    kv_head = [u[0] for u in uniq]
+    return HeadPlan(t(perm), t(inv), t([pairs[h][1] for h in perm]), t(kv_head),
+                    t([u[1] for u in uniq]), perm == list(range(heads)),
+                    kv_head == list(range(kv_heads)))
+
+
+def _index(offsets: torch.Tensor, shape) -> torch.Tensor:
+    b, h, m, d = shape
+    return offsets.view(1, h, 1, 1, 1).expand(b, h, m, 1, d)
 
 
 def _select(x: torch.Tensor, offsets: torch.Tensor, r: int) -> torch.Tensor:
@@ -89,8 +109,7 @@ def _select(x: torch.Tensor, offsets: torch.Tensor, r: int) -> torch.Tensor:
     b, h, n, d = x.shape
     if r == 1:
         return x
-    idx = offsets.view(1, h, 1, 1, 1).expand(b, h, n // r, 1, d)
-    return x.reshape(b, h, n // r, r, d).gather(3, idx).squeeze(3)
+    return x.reshape(b, h, n // r, r, d).gather(3, _index(offsets, (b, h, n // r, d))).squeeze(3)
 
 
 def _scatter(xs: torch.Tensor, offsets: torch.Tensor, r: int, fill: float = 0.0) -> torch.Tensor:
@@ -99,15 +118,53 @@ def _scatter(xs: torch.Tensor, offsets: torch.Tensor, r: int, fill: float = 0.0)
         return xs
     b, h, m, d = xs.shape
     out = xs.new_full((b, h, m, r, d), fill)
-    out.scatter_(3, offsets.view(1, h, 1, 1, 1).expand(b, h, m, 1, d), xs.unsqueeze(3))
+    out.scatter_(3, _index(offsets, xs.shape), xs.unsqueeze(3))
     return out.view(b, h, m * r, d)
+
+
+def _q_rows(x: torch.Tensor, plan: HeadPlan, r: int) -> torch.Tensor:
+    return _select(x if plan.q_identity else x[:, plan.perm], plan.q_off, r)
+
+
+def _kv_rows(x: torch.Tensor, plan: HeadPlan, r: int) -> torch.Tensor:
+    return _select(x if plan.kv_identity else x[:, plan.kv_head], plan.kv_off, r)
+
+
+def _add_rows(dst: torch.Tensor, src: torch.Tensor, heads: torch.Tensor, identity: bool,
+              offsets: torch.Tensor, r: int) -> None:
+    """dst (B, H, n, D) += src (B, U, n/r, D) placed at its heads' rows (inverse of selection)."""
+    if identity and r == 1:
+        dst += src
+    elif identity:
+        b, h, n, d = dst.shape
+        dst.view(b, h, n // r, r, d).scatter_add_(3, _index(offsets, src.shape), src.unsqueeze(3))
+    else:
+        dst.index_add_(1, heads, _scatter(src, offsets, r))
+
+
+def _merge_branch(out, lse, o, lse_b, plan: HeadPlan, r: int) -> None:
+    """Merge one branch's sparse (out, lse) into the dense accumulators, in place."""
+    if plan.q_identity and r == 1:
+        merge_into(out, lse, o, lse_b)
+    elif plan.q_identity:  # gather the touched rows, merge, put them back: O(n/r) traffic
+        b, h, n, d = out.shape
+        sel_o, sel_l = _select(out, plan.q_off, r), _select(lse.unsqueeze(-1), plan.q_off, r)
+        sel_l = sel_l.squeeze(-1)
+        merge_into(sel_o, sel_l, o, lse_b)
+        out.view(b, h, n // r, r, d).scatter_(3, _index(plan.q_off, o.shape), sel_o.unsqueeze(3))
+        lse.view(b, h, n // r, r, 1).scatter_(
+            3, _index(plan.q_off, (b, h, n // r, 1)), sel_l.unsqueeze(-1).unsqueeze(3))
+    else:  # reordered heads: go through dense copies (-inf where the branch has no row)
+        o = _scatter(o, plan.q_off, r)[:, plan.inv]
+        lse_b = _scatter(lse_b.unsqueeze(-1), plan.q_off, r, float("-inf")).squeeze(-1)
+        merge_into(out, lse, o, lse_b[:, plan.inv])
 
 
 @dataclass
 class _Branch:
     ps: RingPass
     r: int
-    plan: tuple
+    plan: HeadPlan
 
 
 def _branches(q, k, group, ws, rs, *, causal, kernel, scale, bucket_size, timeout_s):
@@ -143,13 +200,10 @@ class DilatedAttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, branches):
         out, lse = empty_accumulators(q, accumulation_dtype(q.dtype))
         for br in branches:
-            perm, inv, q_off, kv_head, kv_off = br.plan
-            qs = _select(q[:, perm], q_off, br.r)
-            ks, vs = _select(k[:, kv_head], kv_off, br.r), _select(v[:, kv_head], kv_off, br.r)
+            pl, r = br.plan, br.r
+            qs, ks, vs = _q_rows(q, pl, r), _kv_rows(k, pl, r), _kv_rows(v, pl, r)
             o, lse_b = ring_forward(br.ps, qs, ks, vs)
-            o = _scatter(o, q_off, br.r)[:, inv]
-            lse_b = _scatter(lse_b.unsqueeze(-1), q_off, br.r, float("-inf")).squeeze(-1)[:, inv]
-            merge_into(out, lse, o, lse_b)
+            _merge_branch(out, lse, o, lse_b, pl, r)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.branches = branches
@@ -163,18 +217,14 @@ class DilatedAttentionFunction(torch.autograd.Function):
         dk = torch.zeros(k.shape, dtype=acc, device=q.device)
         dv = torch.zeros(v.shape, dtype=acc, device=q.device)
         for br in ctx.branches:
-            perm, inv, q_off, kv_head, kv_off = br.plan
-
-            def sel_q(x, perm=perm, q_off=q_off, r=br.r):
-                return _select(x[:, perm], q_off, r)
-
-            qs, dos, outs = sel_q(q), sel_q(dout), sel_q(out)
-            lses = sel_q(lse.unsqueeze(-1)).squeeze(-1)
-            ks, vs = _select(k[:, kv_head], kv_off, br.r), _select(v[:, kv_head], kv_off, br.r)
-            dqs, dks, dvs = ring_backward(br.ps, dos, qs, ks, vs, outs, lses)
-            dq.index_add_(1, perm, _scatter(dqs, q_off, br.r))
-            dk.index_add_(1, kv_head, _scatter(dks, kv_off, br.r))
-            dv.index_add_(1, kv_head, _scatter(dvs, kv_off, br.r))
+            pl, r = br.plan, br.r
+            lses = _q_rows(lse.unsqueeze(-1), pl, r).squeeze(-1)
+            dqs, dks, dvs = ring_backward(
+                br.ps, _q_rows(dout, pl, r), _q_rows(q, pl, r), _kv_rows(k, pl, r),
+                _kv_rows(v, pl, r), _q_rows(out, pl, r), lses)
+            _add_rows(dq, dqs, pl.perm, pl.q_identity, pl.q_off, r)
+            _add_rows(dk, dks, pl.kv_head, pl.kv_identity, pl.kv_off, r)
+            _add_rows(dv, dvs, pl.kv_head, pl.kv_identity, pl.kv_off, r)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 

@@ -238,6 +238,7 @@ def enable_tiled_loss(model: nn.Module, tile_size: int | None = None, group=None
     original_loss = model.loss_function
 
     def pre_hook(module, args, kwargs):
+        new._last_loss = None
         shift, labels = kwargs.get("shift_labels"), kwargs.get("labels")
         if shift is None and labels is not None:
             if sp_size > 1:
@@ -253,7 +254,8 @@ def enable_tiled_loss(model: nn.Module, tile_size: int | None = None, group=None
         return None
 
     def loss_function(logits, labels, vocab_size=None, **kwargs):
-        if new._last_loss is not None and logits is new._last_loss:
+        # Identity is not checked: ZeRO-3 re-wraps module outputs for its backward hooks.
+        if new._last_loss is not None and logits.dim() == 0:
             new._last_loss = None
             return logits
         return original_loss(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)

@@ -1,4 +1,4 @@
-"""Dilated (LongNet) attention benchmark: time vs dense ring at one length, and vs the FLOP ratio.
+"""Dilated (LongNet) attention benchmark: time vs dense ring (zigzag) and vs the FLOP ratio.
 
     torchrun --nproc_per_node 2 -m seqpar_ring.bench dilated --seq 1048576 --out dilated.json
 
@@ -49,6 +49,8 @@ def main(argv=None):
     ap.add_argument("--bucket-seq", type=int, default=8192,
                     help="length for the torch-kernel memory-vs-bucket-size sweep (0: skip)")
     ap.add_argument("--buckets", type=int, nargs="+", default=[256, 1024, 4096, 0])
+    ap.add_argument("--profile", action="store_true",
+                    help="print the top GPU kernels of one dilated fwd+bwd (torch.profiler)")
     ap.add_argument("--out", default="bench_dilated.json")
     args = ap.parse_args(argv)
     rank, world, dev = init_from_env()
@@ -66,13 +68,16 @@ def main(argv=None):
             q, k, v = _local(seq, world, args.heads, args.kv_heads, args.head_dim, dev, dtype)
             dout = torch.randn_like(q)
             if mode == "dense":
-                fn = lambda: ring_attention(q, k, v, group, causal=True, kernel=args.kernel)  # noqa: E731
+                fn = lambda: ring_attention(q, k, v, group, causal=True,  # noqa: E731
+                                            layout="zigzag", kernel=args.kernel)
             else:
                 fn = lambda: dilated_attention(  # noqa: E731
                     q, k, v, group, causal=True, kernel=args.kernel,
                     segment_lengths=args.segment_lengths, dilation_rates=args.dilation_rates)
             t = timeit(lambda: fn().backward(dout), dev, warmup=1, iters=args.iters)
             times[mode] = t
+            if args.profile and mode == "dilated":  # every rank steps; rank 0 prints
+                _profile(lambda: fn().backward(dout), rank == 0)
             flops = dense_flops / (ratio if mode == "dilated" else 1.0)
             rows.append(dict(seq=seq, mode=mode, ms=t * 1e3, peak_gib=peak_gib(dev),
                              tflops_per_gpu=flops / world / t / 1e12))
@@ -98,6 +103,17 @@ def main(argv=None):
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def _profile(step, show: bool) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        step()
+    key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    if show:
+        print(prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=60))
 
 
 def bucket_memory(args, dev) -> list[dict]:

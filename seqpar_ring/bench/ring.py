@@ -143,12 +143,15 @@ def _torch_cp(seq, heads, dim, dtype, dev, world, backend, bwd, iters):
     from torch.distributed.tensor.experimental import context_parallel
 
     mesh = init_device_mesh(dev.type, (world,))
-    # context_parallel shards its buffers in place on entry, which autograd leaves forbid:
-    # hand it plain tensors and turn on grad for the local shards inside the context.
+    # context_parallel shards its buffers in place on entry (and restores them on exit), which
+    # autograd leaves forbid: hand it plain tensors, turn on grad for the local shards inside
+    # the context, and skip the restore.
     q, k, v = [t.transpose(1, 2).contiguous()
                for t in _qkv(seq, heads, heads, dim, dev, dtype, grad=False)]
     dout = torch.randn_like(q)
-    with context_parallel(mesh, buffers=[q, k, v, dout], buffer_seq_dims=[2, 2, 2, 2]):
+    bufs = [q, k, v, dout]
+    with context_parallel(mesh, buffers=bufs, buffer_seq_dims=[2, 2, 2, 2],
+                          no_restore_buffers=set(bufs)):
         for t in (q, k, v):
             t.requires_grad_(bwd)
 

@@ -1,0 +1,212 @@
+"""The ``"seqpar_ring"`` attention function for transformers' ``AttentionInterface``.
+
+HF attention layers call ``fn(module, query, key, value, attention_mask, scaling=, dropout=,
+**kwargs)`` with ``(batch, heads, seq_local, head_dim)`` tensors and expect
+``(batch, seq_local, heads, head_dim), None`` back. Under SP every rank holds its shard of the
+sequence (``config.layout``), so the function hands the tensors to
+`seqpar_ring.modules.sp_attention` with the SP group recorded by `register`.
+
+Masks: transformers would build a 4D mask from the LOCAL length, which means nothing across
+the ring, so a mask function registered under the same name (``AttentionMaskInterface``) passes
+the 2D ``attention_mask`` (or None) through unchanged. Padding and packed documents reach the
+ring as ``doc_ids`` (batch, seq_local): the collator computes them from the global row and
+passes them as the model kwarg ``sp_doc_ids`` (HF forwards unknown kwargs down to attention);
+without it they are derived here from ``position_ids`` gathered once per forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from seqpar_ring.config import SeqParConfig
+from seqpar_ring.groups import SPGroups
+from seqpar_ring.layout import gather, shard
+from seqpar_ring.modules import sp_attention
+
+__all__ = ["ATTN_NAME", "DOC_IDS_KEY", "register", "get_state", "seqpar_ring_attention",
+           "doc_ids_from_positions"]
+
+ATTN_NAME = "seqpar_ring"
+DOC_IDS_KEY = "sp_doc_ids"  # model kwarg carrying (batch, seq_local) document ids
+
+
+@dataclass
+class SPState:
+    """What the attention function needs: the settings and the SP group (None = local)."""
+
+    config: SeqParConfig
+    groups: SPGroups | None
+    calls: int = 0  # attention calls since the model's last forward began (routing check)
+    _cache: tuple = field(default=(), repr=False)  # (position_ids, mask, doc_ids) of last derive
+
+    @property
+    def group(self):
+        return None if self.groups is None or self.groups.sp_size == 1 else self.groups.sp_group
+
+    @property
+    def sp_size(self) -> int:
+        return 1 if self.groups is None else self.groups.sp_size
+
+    @property
+    def sp_rank(self) -> int:
+        return 0 if self.groups is None else self.groups.sp_rank
+
+
+_STATE: SPState | None = None
+
+
+def get_state() -> SPState:
+    if _STATE is None:
+        raise RuntimeError(
+            f"attn_implementation={ATTN_NAME!r} is used before its settings were recorded: call "
+            "seqpar_ring.integrations.hf.register(config, groups) before loading the model, or "
+            "seqpar_ring.integrations.hf.patch(model, config) on a loaded one"
+        )
+    return _STATE
+
+
+def _pass_mask_through(*args, attention_mask=None, **kwargs):
+    # Keep the 2D (batch, seq_local) mask (or None): doc ids, not a local 4D mask, rule the ring.
+    return attention_mask
+
+
+def register(config: SeqParConfig, groups: SPGroups | None = None) -> SPState:
+    """Register ``"seqpar_ring"`` (attention + mask functions) and record the SP settings.
+
+    ``groups`` None means local attention (sp_size must then be 1). Call on every rank before
+    ``from_pretrained(..., attn_implementation="seqpar_ring")``; `patch` calls it for you.
+    """
+    global _STATE
+    if not isinstance(config, SeqParConfig):
+        raise ValueError(f"config must be a SeqParConfig, got {type(config).__name__}")
+    size = 1 if groups is None else groups.sp_size
+    if size != config.sp_size:
+        raise ValueError(
+            f"config.sp_size={config.sp_size} but the groups have sp_size={size}: build the "
+            f"groups with seqpar_ring.groups.initialize({config.sp_size}) or fix the config"
+        )
+    AttentionInterface.register(ATTN_NAME, seqpar_ring_attention)
+    AttentionMaskInterface.register(ATTN_NAME, _pass_mask_through)
+    _STATE = SPState(config=config, groups=groups)
+    return _STATE
+
+
+def doc_ids_from_positions(
+    position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """Document ids of GLOBAL rows: a new document starts where positions do not step by +1.
+
+    position_ids, attention_mask: (batch, seq) in global token order. Returns (batch, seq) int64
+    (0, 1, ... per row; -1 where attention_mask == 0), or None when no row is packed or padded.
+    """
+    pos = position_ids
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    doc = starts.long().cumsum(1) - 1
+    pad = None if attention_mask is None else attention_mask == 0
+    if not bool((doc[:, -1] > 0).any()) and (pad is None or not bool(pad.any())):
+        return None
+    return doc if pad is None else doc.masked_fill(pad, -1)
+
+
+def _derive_doc_ids(state: SPState, position_ids, attention_mask, batch: int):
+    """doc ids of this rank's tokens from the gathered global rows (one all-gather per forward)."""
+    cached = state._cache
+    if cached and cached[0] is position_ids and cached[1] is attention_mask:
+        return cached[2]  # later layers and checkpoint recomputation of the same forward
+    if position_ids is None:
+        raise ValueError(
+            "seqpar_ring attention needs position_ids (global positions of the rank's tokens): "
+            "pass the batch through SPDataCollator or seqpar_ring.layout.shard_batch"
+        )
+    layout, p = state.config.layout, state.sp_size
+    local = position_ids.expand(batch, -1)
+    mask = torch.ones_like(local) if attention_mask is None else attention_mask.to(local.dtype)
+    both = torch.stack([local, mask], dim=-1)  # (batch, seq_local, 2): one collective
+    full = gather(both, state.group, layout, dim=1)
+    if p > 1:
+        n = local.shape[1]
+        shard_pos = torch.arange(n, device=local.device, dtype=local.dtype)
+        if bool((full[..., 0].view(full.shape[0], p, n) == shard_pos).all()):
+            raise ValueError(
+                "position_ids restart at 0 on every SP rank: they are per-shard positions, not "
+                "global ones. Pass global position_ids (SPDataCollator / shard_batch make them); "
+                f"for documents exactly one shard long, pass {DOC_IDS_KEY!r} explicitly"
+            )
+    doc = doc_ids_from_positions(full[..., 0], None if attention_mask is None else full[..., 1])
+    if doc is not None:
+        doc = shard(doc, p, state.sp_rank, layout, dim=1) if p > 1 else doc
+    state._cache = (position_ids, attention_mask, doc)
+    return doc
+
+
+def _check_call(state: SPState, module, attention_mask, dropout: float, seq: int, kwargs) -> None:
+    if dropout and dropout > 0:
+        raise ValueError(
+            f"attention dropout={dropout} is not supported by seqpar_ring attention: set "
+            "model.config.attention_dropout = 0.0"
+        )
+    for key in ("s_aux", "softcap"):
+        if kwargs.get(key) is not None:
+            raise ValueError(f"{type(module).__name__} passes {key}=..., which seqpar_ring "
+                             "attention does not implement; use another attention for this model")
+    window = kwargs.get("sliding_window")
+    if window is not None and window < seq:
+        raise ValueError(
+            f"{type(module).__name__} uses sliding_window={window} but the sequence has {seq} "
+            "tokens: seqpar_ring attention has no sliding window. Set "
+            "model.config.sliding_window = None (full attention) or use sequences <= the window"
+        )
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(
+            f"seqpar_ring attention got a {attention_mask.dim()}D attention_mask; under sequence "
+            "parallelism pass a 2D (batch, seq_local) mask or packed position_ids instead"
+        )
+    div = state.config.seq_len_divisor
+    if seq % div:
+        raise ValueError(
+            f"sequence length {seq} (= {seq // state.sp_size} per rank x sp_size "
+            f"{state.sp_size}) is not a multiple of {div} (layout={state.config.layout!r}"
+            f"{', dilation' if state.config.attention == 'dilated' else ''}): pad the batch with "
+            f"SPDataCollator(..., pad_to_multiple_of={div}) or "
+            f"shard_batch(..., pad_to_multiple_of={div})"
+        )
+
+
+def seqpar_ring_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """AttentionInterface entry: (batch, heads, seq_local, dim) in, (batch, seq_local, heads, dim)
+    out, attention weights None. Causal unless ``module.is_causal`` is False."""
+    state = get_state()
+    state.calls += 1
+    seq = query.shape[2] * state.sp_size
+    _check_call(state, module, attention_mask, dropout, seq, kwargs)
+    doc_ids = kwargs.get(DOC_IDS_KEY)
+    if doc_ids is None:
+        doc_ids = _derive_doc_ids(state, kwargs.get("position_ids"), attention_mask,
+                                  query.shape[0])
+    if doc_ids is not None:
+        if state.config.attention == "dilated":
+            raise ValueError(
+                "dilated attention cannot mask padding or packed documents: give it unpadded, "
+                "unpacked rows whose length is a multiple of "
+                f"{state.config.seq_len_divisor}, or use attention='ring'"
+            )
+        doc_ids = doc_ids.to(device=query.device, dtype=torch.long)
+    out = sp_attention(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), state.config,
+        state.group, causal=getattr(module, "is_causal", True), scale=scaling, doc_ids=doc_ids,
+    )
+    return out, None

@@ -1,0 +1,153 @@
+"""tiled_lm_loss equals sp_cross_entropy(F.linear(...)) in value and in grads of hidden/weight/bias."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seqpar_ring import groups as G
+from seqpar_ring.layout import shard
+from seqpar_ring.loss import sp_cross_entropy
+from seqpar_ring.tiled import default_tile_size, enable_tiled_loss, tiled_lm_loss
+from tests._dist import run_distributed
+
+TOL = dict(atol=1e-5, rtol=0)
+TILES = (1, 3, 7, 16, 1000, None)
+
+
+def _data(seed=0, bsz=2, seq=12, hid=16, vocab=37, bias=True):
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(bsz, seq, hid, generator=gen)
+    w = torch.randn(vocab, hid, generator=gen) * 0.3
+    b = torch.randn(vocab, generator=gen) * 0.1 if bias else None
+    y = torch.randint(0, vocab, (bsz, seq), generator=gen)
+    y[0, :5] = -100
+    y[1, -1] = -100
+    return h, w, b, y
+
+
+def _grads(fn, h, w, b):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (h, w) + ((b,) if b is not None
+                                                                      else ())]
+    loss = fn(*leaves, *([None] if b is None else []))
+    loss.backward()
+    return loss.detach(), [t.grad for t in leaves]
+
+
+def _plain(group=None):
+    return lambda h, w, b, y: sp_cross_entropy(F.linear(h, w, b), y, group)
+
+
+def test_local_exact_tile_sizes_and_ignored():
+    for bias in (True, False):
+        h, w, b, y = _data(bias=bias)
+        ref_loss, ref_g = _grads(lambda h_, w_, b_: _plain()(h_, w_, b_, y), h, w, b)
+        torch_ce = F.cross_entropy(F.linear(h, w, b).flatten(0, 1), y.flatten())
+        torch.testing.assert_close(ref_loss, torch_ce, **TOL)
+        for tile in TILES:
+            loss, g = _grads(lambda h_, w_, b_: tiled_lm_loss(h_, w_, y, bias=b_, tile_size=tile),
+                             h, w, b)
+            torch.testing.assert_close(loss, ref_loss, **TOL, msg=f"loss tile={tile}")
+            for name, a, r in zip(("hidden", "weight", "bias"), g, ref_g):
+                torch.testing.assert_close(a, r, **TOL, msg=f"d{name} tile={tile} bias={bias}")
+
+
+def test_all_ignored_is_zero_not_nan():
+    h, w, b, y = _data()
+    loss, g = _grads(lambda h_, w_, b_: tiled_lm_loss(h_, w_, torch.full_like(y, -100),
+                                                      bias=b_, tile_size=5), h, w, b)
+    assert loss.item() == 0.0
+    assert all(torch.isfinite(t).all() and (t == 0).all() for t in g)
+
+
+def test_bf16_close_and_num_items():
+    h, w, b, y = _data(seed=3)
+    hb, wb = h.bfloat16(), w.bfloat16()
+    ref_loss, ref_g = _grads(lambda h_, w_, _: _plain()(h_, w_, None, y), hb, wb, None)
+    loss, g = _grads(lambda h_, w_, _: tiled_lm_loss(h_, w_, y, tile_size=5), hb, wb, None)
+    assert loss.dtype == torch.float32 and g[0].dtype == torch.bfloat16
+    torch.testing.assert_close(loss, ref_loss, atol=1e-3, rtol=0)
+    for a, r in zip(g, ref_g):
+        torch.testing.assert_close(a.float(), r.float(), atol=2e-2, rtol=2e-2)
+    count = (y != -100).sum().item()
+    with torch.no_grad():
+        a = tiled_lm_loss(h, w, y, tile_size=4)
+        c = tiled_lm_loss(h, w, y, tile_size=4, num_items=2 * count)
+    torch.testing.assert_close(c, a / 2, **TOL)
+
+
+def test_errors_and_default_tile():
+    h, w, b, y = _data()
+    with pytest.raises(ValueError, match="shift_labels"):
+        tiled_lm_loss(h, w, y[:, :-1])
+    with pytest.raises(ValueError, match="vocab"):
+        tiled_lm_loss(h, w.t(), y)
+    with pytest.raises(ValueError, match="integer"):
+        tiled_lm_loss(h, w, y.float())
+    assert default_tile_size(32000) == 2**26 // 32000 and default_tile_size(10**9) == 64
+
+
+def _tiny_llama(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
+                      max_position_embeddings=64, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).float()
+
+
+def test_enable_tiled_loss_hf_model():
+    ref, model = _tiny_llama(), _tiny_llama()
+    head = enable_tiled_loss(model, tile_size=5)
+    assert model.lm_head is head and "lm_head.weight" in model.state_dict()
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    out_ref = ref(input_ids=ids, labels=labels)
+    out = model(input_ids=ids, labels=labels)
+    torch.testing.assert_close(out.loss, out_ref.loss, **TOL)
+    out.loss.backward()
+    out_ref.loss.backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, **TOL, msg=name)
+    # shift_labels only (the SP path: labels shifted before sharding)
+    shift = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    out2 = model(input_ids=ids, shift_labels=shift)
+    torch.testing.assert_close(out2.loss, out_ref.loss, **TOL)
+    # no labels / eval: real logits; logits_to_keep falls back to the model's own loss
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits)
+        last = model(input_ids=ids, logits_to_keep=1)
+        assert last.logits.shape == (2, 1, 97)
+
+
+def _dist_body(rank, world):
+    g = G.initialize(world)
+    h, w, b, y = _data(seed=7, seq=8 * world)
+    ref_loss, (rh, rw, rb) = _grads(lambda h_, w_, b_: _plain()(h_, w_, b_, y), h, w, b)
+    empty = y.clone()
+    mine = shard(torch.arange(y.shape[1]).view(1, -1), world, 1, "zigzag")[0]
+    empty[:, mine] = -100  # sp_rank 1 holds only ignored labels
+    ref_e, (eh, ew, eb) = _grads(lambda h_, w_, b_: _plain()(h_, w_, b_, empty), h, w, b)
+    cases = [("random", y, ref_loss, rh, rw, rb), ("rank1-empty", empty, ref_e, eh, ew, eb)]
+    for name, lab, rl, gh, gw, gb in cases:
+        for layout in ("contiguous", "zigzag"):
+            for tile in (1, 5, None):
+                hl = shard(h, world, g.sp_rank, layout)
+                yl = shard(lab, world, g.sp_rank, layout)
+                loss, (dh, dw, db) = _grads(
+                    lambda h_, w_, b_: tiled_lm_loss(h_, w_, yl, g.sp_group, bias=b_,
+                                                     tile_size=tile), hl, w, b)
+                msg = f"{name} {layout} tile={tile}"
+                torch.testing.assert_close(loss, rl, **TOL, msg=msg)
+                torch.testing.assert_close(dh, shard(gh, world, g.sp_rank, layout), **TOL,
+                                           msg=msg)
+                for part, ref in ((dw, gw), (db, gb)):  # rank shares sum to the true gradient
+                    torch.distributed.all_reduce(part, group=g.sp_group)
+                    torch.testing.assert_close(part, ref, **TOL, msg=msg)
+    G.destroy()
+    return True
+
+
+def test_tiled_loss_sp2():
+    assert all(run_distributed(_dist_body, 2, timeout=120))
