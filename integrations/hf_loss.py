@@ -77,7 +77,8 @@ def register_sp_ddp_hook(ddp_model: torch.nn.parallel.DistributedDataParallel,
             f"{groups.sp_size * groups.dp_size}: wrap the model in DDP over the SP x DP world"
         )
 
-    def hook(dp_size: int, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    # no annotations: DDP inspects them and postponed (string) annotations fail its check
+    def hook(dp_size, bucket):
         grads = bucket.buffer().div_(dp_size)
         work = dist.all_reduce(grads, group=ddp_model.process_group, async_op=True)
         return work.get_future().then(lambda fut: fut.value()[0])

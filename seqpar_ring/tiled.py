@@ -213,6 +213,10 @@ def enable_tiled_loss(model: nn.Module, tile_size: int | None = None, group=None
        loss. Calls without labels, or with ``logits_to_keep`` slicing, get real logits and the
        model's original loss function.
 
+    ``num_items_in_batch`` (HF Trainer) follows ``integrations.hf_loss``: each SP rank returns
+    the group's loss sum / (sp * num_items_in_batch). Call AFTER ``integrations.hf.patch``
+    (which installs its own loss_function; the original one is kept as the fallback).
+
     Consequence: when the tiled loss is used, ``outputs.logits`` holds the loss scalar, not
     logits (that is the memory saved). Call before ``deepspeed.initialize`` (ZeRO-3 hooks are
     attached to the modules present then). Models that transform logits after the head
@@ -245,8 +249,14 @@ def enable_tiled_loss(model: nn.Module, tile_size: int | None = None, group=None
                 raise ValueError("under sequence parallelism pass shift_labels (shifted over "
                                  "the whole row before sharding, see shard_batch), not labels")
             shift = F.pad(labels, (0, 1), value=new.ignore_index)[..., 1:]
+        if module.loss_function is not loss_function:
+            raise RuntimeError("the model's loss_function was replaced after enable_tiled_loss "
+                               "(e.g. by integrations.hf.patch): call enable_tiled_loss last")
         if shift is not None and kwargs.get("logits_to_keep", 0) in (0, None):
-            new._pending = (shift, kwargs.get("num_items_in_batch"))
+            # transformers' num_items_in_batch counts labels over ALL ranks; each SP rank returns
+            # group_sum / (sp * N) as integrations.hf_loss does
+            items = kwargs.get("num_items_in_batch")
+            new._pending = (shift, None if items is None else items * sp_size)
             if labels is None:
                 kwargs = {**kwargs, "labels": shift}  # transformers computes loss only if set
             return args, kwargs

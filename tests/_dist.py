@@ -50,6 +50,17 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
             dist.destroy_process_group()
 
 
+def _context():
+    """A forkserver that has imported torch once: each rank then starts in ~0.1 s instead of
+    re-importing torch (seconds of CPU on a 2-core machine). Falls back to spawn elsewhere."""
+    try:
+        ctx = mp.get_context("forkserver")
+    except ValueError:  # platforms without forkserver
+        return mp.get_context("spawn")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "transformers"])
+    return ctx
+
+
 def run_distributed(
     fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = DEFAULT_TIMEOUT_S
 ) -> list[Any]:
@@ -58,7 +69,7 @@ def run_distributed(
     ``fn`` must be importable (a module-level function). Raises AssertionError with every failing
     rank's traceback, or TimeoutError if the group does not finish in ``timeout`` seconds.
     """
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     queue = ctx.SimpleQueue()
     port = _free_port()
     procs = [

@@ -1,0 +1,366 @@
+"""End-to-end training benchmark: HF Llama-architecture model, DeepSpeed ZeRO, SP = world.
+
+    torchrun --nproc_per_node 2 -m seqpar_ring.bench e2e --impl seqpar alst \
+        --seq 65536 262144 1048576 --find-max --out e2e.json --plot
+
+Per implementation, one model with random weights (``--model`` preset of seqpar_ring.plan,
+default llama-1.1b), bf16, DeepSpeed ZeRO-3, gradient checkpointing, one sample per step:
+
+* ``seqpar``: ours — ``integrations.hf.patch`` (ring attention) + ``seqpar_ring.tiled`` loss,
+  engine from ``integrations.deepspeed.initialize``.
+* ``alst``: DeepSpeed's Ulysses (``UlyssesSPAttentionHF.register_with_transformers`` over
+  SDPA) + its ``TiledFusedLogitsLoss``, the same model, config and machine.
+
+Each point reports tokens/s, peak allocated GiB and the planner's estimate; a failure (OOM or
+anything else) is caught, reported in the table and the engine rebuilt. ``--find-max`` doubles
+the length until a step fails or exceeds ``--budget-s``, then bisects. CPU smoke test:
+``torchrun --nproc_per_node 2 -m seqpar_ring.bench e2e --model tiny --seq 256 512``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import time
+
+import torch
+import torch.distributed as dist
+
+from .. import plan as planner
+from .common import init_from_env, peak_gib, print_table, reset_peak, sync, write_json
+
+COLUMNS = ["impl", "seq_len", "tokens_per_s", "step_s", "peak_gib", "plan_gib", "loss", "status"]
+
+
+def ds_config(a, world: int, cuda: bool) -> dict:
+    opt = {"lr": 1e-5} if cuda else {"lr": 1e-5, "torch_adam": True}  # CPU: no fused Adam
+    return {
+        "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+        "sequence_parallel_size": world, "gradient_clipping": 1.0,
+        "steps_per_print": 10**9, "bf16": {"enabled": a.dtype == "bf16"},
+        "optimizer": {"type": "AdamW", "params": opt},
+        "zero_optimization": {"stage": a.zero, "reduce_bucket_size": a.bucket,
+                              "stage3_prefetch_bucket_size": a.bucket},
+    }
+
+
+def build_model(spec: planner.ModelSpec, dtype: torch.dtype, attn: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=spec.hidden, num_hidden_layers=spec.layers,
+                      num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
+                      intermediate_size=spec.intermediate, vocab_size=spec.vocab,
+                      head_dim=spec.d, tie_word_embeddings=spec.tied, attention_dropout=0.0,
+                      max_position_embeddings=2**24, use_cache=False)
+    torch.manual_seed(0)  # same random weights on every rank
+    model = LlamaForCausalLM._from_config(cfg, attn_implementation=attn, torch_dtype=dtype)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model.train()
+
+
+class Impl:
+    """One implementation's engine; ``step(batch)`` = forward + backward + optimizer step."""
+
+    divisor = 1
+
+    def __init__(self, a, spec, world, rank, dev):
+        self.a, self.spec, self.world, self.rank, self.dev = a, spec, world, rank, dev
+        self.engine = None
+
+    def teardown(self) -> None:
+        if self.engine is not None and hasattr(self.engine, "destroy"):
+            self.engine.destroy()
+        self.engine = None
+        gc.collect()
+        if self.dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def batch(self, seq: int) -> dict:
+        g = torch.Generator().manual_seed(seq)
+        ids = torch.randint(0, self.spec.vocab, (1, seq), generator=g)
+        from ..layout import shard_batch
+
+        b = shard_batch({"input_ids": ids}, self.world, self.rank, self.layout)
+        return {k: b[k].to(self.dev) for k in ("input_ids", "position_ids", "shift_labels")}
+
+
+class SeqPar(Impl):
+    def setup(self) -> None:
+        from ..config import SeqParConfig
+        from ..groups import get_groups, initialize
+        from ..integrations import hf
+        from ..tiled import enable_tiled_loss
+
+        a = self.a
+        try:
+            groups = get_groups()
+        except RuntimeError:
+            groups = initialize(self.world)
+        extra = {}
+        if a.attention == "dilated":
+            extra = dict(segment_lengths=tuple(a.segments), dilation_rates=tuple(a.rates))
+        cfg = SeqParConfig(sp_size=self.world, attention=a.attention, layout=a.layout,
+                           kernel=a.kernel, **extra)
+        self.layout, self.divisor = cfg.layout, cfg.seq_len_divisor
+        model = build_model(self.spec, a.torch_dtype, "sdpa")
+        hf.patch(model, cfg, groups)
+        enable_tiled_loss(model, a.loss_tile, groups)
+        self.engine = _ds_initialize(model, ds_config(a, self.world, self.dev.type == "cuda"),
+                                     groups)
+
+    def step(self, b: dict) -> float:
+        loss = self.engine(**b, use_cache=False).loss
+        self.engine.backward(loss)
+        self.engine.step()
+        return loss.item()
+
+
+def _ds_initialize(model, config: dict, groups):
+    try:
+        from ..integrations.deepspeed import initialize
+    except ImportError:  # integration not installed yet: same thing by hand
+        import deepspeed
+
+        return deepspeed.initialize(model=model, config=config,
+                                    model_parameters=model.parameters(), mpu=groups)[0]
+    res = initialize(model=model, config=config, model_parameters=model.parameters())
+    return res[0] if isinstance(res, (tuple, list)) else res
+
+
+class ALST(Impl):
+    layout = "contiguous"
+
+    def setup(self) -> None:
+        import deepspeed
+        from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        self.divisor = self.world
+        self._sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]  # ALST overrides it globally: restored
+        model = build_model(self.spec, self.a.torch_dtype, "sdpa")
+        mpu = UlyssesSPAttentionHF.register_with_transformers(
+            model_name_or_path=model, core_attn_implementation="sdpa",
+            sequence_parallel_size=self.world, micro_batch_size=1, seq_length_is_variable=True)
+        self.group = mpu.get_sequence_parallel_group() if mpu is not None else None
+        self.engine = deepspeed.initialize(
+            model=model, config=ds_config(self.a, self.world, self.dev.type == "cuda"),
+            model_parameters=model.parameters(), mpu=mpu)[0]
+
+    def teardown(self) -> None:
+        super().teardown()
+        if hasattr(self, "_sdpa"):
+            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+            ALL_ATTENTION_FUNCTIONS["sdpa"] = self._sdpa
+
+    def step(self, b: dict) -> float:
+        from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledFusedLogitsLoss
+
+        module = self.engine.module
+        hidden = module.model(input_ids=b["input_ids"], position_ids=b["position_ids"],
+                              use_cache=False).last_hidden_state
+        y = b["shift_labels"]
+        tile = self.a.loss_tile or planner.default_tile_size(self.spec.vocab)
+        shards = max(1, math.ceil(y.numel() / tile))
+
+        def loss_fn(mod, x, labels):  # sum of token losses of one shard
+            logits = mod.lm_head(x).float()
+            return torch.nn.functional.cross_entropy(
+                logits.view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                reduction="sum")
+
+        total = TiledFusedLogitsLoss.apply(loss_fn, module, hidden, y, None, shards,
+                                           [module.lm_head.weight], "sum")
+        count = (y != -100).sum().float()
+        if self.group is not None:
+            dist.all_reduce(count, group=self.group)
+        loss = total / count.clamp(min=1)  # this rank's share of the token mean
+        self.engine.backward(loss)
+        self.engine.step()
+        shown = loss.detach().clone()
+        if self.group is not None:
+            dist.all_reduce(shown, group=self.group)
+        return shown.item()
+
+
+IMPLS = {"seqpar": SeqPar, "alst": ALST}
+
+
+def _agree_failed(failed: bool, dev) -> bool:
+    """Every rank learns whether any rank failed (so all rebuild together)."""
+    if not dist.is_initialized():
+        return failed
+    flag = torch.tensor([float(failed)], device=dev)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def run_point(impl: Impl, seq: int, a, *, steps: int) -> dict:
+    """Warm-up step + up to ``steps`` timed steps within ``a.budget_s``; errors become rows."""
+    row = {"impl": a.impl_name, "seq_len": seq, "status": "ok"}
+    o = planner.PlanOptions(gpus=impl.world, zero=a.zero, dtype=a.dtype, loss_tile=a.loss_tile,
+                            layout=getattr(impl, "layout", "zigzag"), reserve_gib=0.0,
+                            reduce_bucket=a.bucket, prefetch_bucket=a.bucket)
+    row["plan_gib"] = planner.estimate(impl.spec, seq, o).peak_gib if seq % impl.world == 0 \
+        else None
+    err = None
+    try:
+        if seq % impl.divisor:
+            raise ValueError(f"seq_len must be a multiple of {impl.divisor}")
+        b = impl.batch(seq)
+        reset_peak(impl.dev)
+        t0 = time.perf_counter()
+        impl.step(b)  # warm-up (also the only step when it alone exhausts the budget)
+        sync(impl.dev)
+        first = time.perf_counter() - t0
+        times, loss = [], float("nan")
+        while len(times) < steps and sum(times) + first < a.budget_s:
+            sync(impl.dev)
+            t0 = time.perf_counter()
+            loss = impl.step(b)
+            sync(impl.dev)
+            times.append(time.perf_counter() - t0)
+        step_s = min(times) if times else first
+        row.update(step_s=step_s, tokens_per_s=seq / step_s, peak_gib=peak_gib(impl.dev),
+                   loss=loss)
+        if not times:
+            row["status"] = "warm-up only (budget)"
+    except Exception as e:  # noqa: BLE001 - any failure is a table row, not a crashed run
+        err = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    if _agree_failed(err is not None, impl.dev):
+        row["status"] = err or "failed on another rank"
+        impl.teardown()
+        impl.setup()
+    return row
+
+
+def find_max(impl: Impl, a) -> tuple[int, list[dict]]:
+    """Doubling then bisection over multiples of the divisor; returns (longest ok, rows)."""
+    rows, good, bad = [], 0, None
+    seq = a.find_start
+    while seq <= a.find_limit:
+        r = run_point(impl, seq, a, steps=1)
+        rows.append(r)
+        if r["status"] != "ok":
+            bad = seq
+            break
+        good = seq
+        if r["step_s"] > a.budget_s:
+            break  # the next doubling would take too long
+        seq *= 2
+    div = impl.divisor * a.find_resolution
+    while bad is not None and good and bad - good > div:
+        mid = (good + bad) // 2 // div * div
+        if mid <= good:
+            break
+        r = run_point(impl, mid, a, steps=1)
+        rows.append(r)
+        good, bad = (mid, bad) if r["status"] == "ok" else (good, mid)
+    return good, rows
+
+
+def plot(json_path: str, prefix: str | None = None) -> list[str]:
+    """Memory and tokens/s vs sequence length PNGs from the JSON (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plot: matplotlib is not installed (pip install seqpar_ring[plot])")
+        return []
+    with open(json_path) as f:
+        rows = [r for r in json.load(f)["rows"] if r.get("peak_gib") is not None]
+    prefix = prefix or json_path.rsplit(".", 1)[0]
+    written = []
+    for key, label in (("peak_gib", "peak GiB per GPU"), ("tokens_per_s", "tokens/s")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for impl in sorted({r["impl"] for r in rows}):
+            pts = sorted((r["seq_len"], r[key]) for r in rows if r["impl"] == impl)
+            ax.plot(*zip(*pts), marker="o", label=impl)
+            if key == "peak_gib":
+                est = sorted((r["seq_len"], r["plan_gib"]) for r in rows
+                             if r["impl"] == impl and r.get("plan_gib") is not None)
+                ax.plot(*zip(*est), ls="--", alpha=0.6, label=f"{impl} (planner)")
+        ax.set(xscale="log", xlabel="sequence length (tokens)", ylabel=label)
+        ax.legend()
+        fig.tight_layout()
+        path = f"{prefix}_{key}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    print("wrote " + ", ".join(written))
+    return written
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m seqpar_ring.bench e2e", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--impl", nargs="+", default=["seqpar", "alst"], choices=sorted(IMPLS))
+    p.add_argument("--model", default="llama-1.1b", help="seqpar_ring.plan preset or config")
+    p.add_argument("--seq", type=int, nargs="*", default=[65536, 262144, 1048576])
+    p.add_argument("--steps", type=int, default=3, help="timed steps per point (after warm-up)")
+    p.add_argument("--budget-s", type=float, default=300.0, help="time budget per point")
+    p.add_argument("--find-max", action="store_true")
+    p.add_argument("--find-start", type=int, default=131072)
+    p.add_argument("--find-limit", type=int, default=2**24)
+    p.add_argument("--find-resolution", type=int, default=1024,
+                   help="bisection stops at this many multiples of the length divisor")
+    p.add_argument("--dtype", default=None, choices=("bf16", "fp32"),
+                   help="default bf16 on GPU, fp32 on CPU")
+    p.add_argument("--zero", type=int, default=3, choices=(0, 1, 2, 3))
+    p.add_argument("--bucket", type=int, default=50_000_000, help="ZeRO bucket sizes")
+    p.add_argument("--attention", default="ring", choices=("ring", "dilated"))
+    p.add_argument("--segments", type=int, nargs="*", default=[])
+    p.add_argument("--rates", type=int, nargs="*", default=[])
+    p.add_argument("--layout", default="zigzag", choices=("contiguous", "zigzag"))
+    p.add_argument("--kernel", default="auto")
+    p.add_argument("--loss-tile", type=int, default=None)
+    p.add_argument("--out", default="e2e.json")
+    p.add_argument("--plot", action="store_true", help="also write PNGs (rank 0)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
+    rank, world, dev = init_from_env()
+    a.dtype = a.dtype or ("bf16" if dev.type == "cuda" else "fp32")
+    a.torch_dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    spec = planner.load_spec(a.model)
+    rows, maxima = [], {}
+    for name in a.impl:
+        a.impl_name = name
+        impl = IMPLS[name](a, spec, world, rank, dev)
+        try:
+            impl.setup()
+        except Exception as e:  # noqa: BLE001 - one broken implementation must not stop the other
+            rows.append({"impl": name, "status": f"setup failed: {type(e).__name__}: {e}"[:160]})
+            impl.teardown()
+            continue
+        for seq in a.seq:
+            rows.append(run_point(impl, seq, a, steps=a.steps))
+            if rank == 0:
+                print_table(rows[-1:], COLUMNS)
+        if a.find_max:
+            maxima[name], probes = find_max(impl, a)
+            rows += [dict(r, status=f"probe: {r['status']}") for r in probes]
+        impl.teardown()
+    if rank == 0:
+        title = f"e2e: {a.model} {a.dtype} ZeRO-{a.zero} SP={world} on {dev.type}"
+        print_table(rows, COLUMNS, title)
+        for name, best in maxima.items():
+            print(f"longest trainable sequence ({name}): {best:,} tokens")
+        o = planner.PlanOptions(gpus=world, zero=a.zero, dtype=a.dtype, layout=a.layout)
+        if dev.type == "cuda":
+            mem = torch.cuda.get_device_properties(dev).total_memory / 2**30
+            print(f"planner: longest that fits {mem:.0f} GiB: "
+                  f"{planner.max_seq_len(spec, o, mem):,} tokens")
+        write_json(a.out, {"args": {k: v for k, v in vars(a).items() if k != "torch_dtype"},
+                           "rows": rows, "max_seq_len": maxima})
+        if a.plot:
+            plot(a.out)
+    if dist.is_initialized():
+        dist.barrier()
