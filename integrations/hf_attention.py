@@ -131,7 +131,7 @@ def _derive_doc_ids(state: SPState, position_ids, attention_mask, batch: int):
     if p > 1:
         n = local.shape[1]
         shard_pos = torch.arange(n, device=local.device, dtype=local.dtype)
-        if bool((full[..., 0].view(full.shape[0], p, n) == shard_pos).all()):
+        if all(bool((shard(full[..., 0], p, r, layout) == shard_pos).all()) for r in range(p)):
             raise ValueError(
                 "position_ids restart at 0 on every SP rank: they are per-shard positions, not "
                 "global ones. Pass global position_ids (SPDataCollator / shard_batch make them); "

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 pytest.importorskip("transformers")
 
 from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -36,7 +37,14 @@ from transformers import (  # noqa: E402
 )
 
 from seqpar_ring import SeqParConfig, groups as sp_groups  # noqa: E402
-from seqpar_ring.integrations.hf import SPDataCollator, patch, shard_dataloader  # noqa: E402
+from seqpar_ring.integrations.hf import (  # noqa: E402
+    ATTN_NAME,
+    DOC_IDS_KEY,
+    SPDataCollator,
+    patch,
+    register,
+    shard_dataloader,
+)
 
 MODELS = {
     "llama": (LlamaConfig, LlamaForCausalLM),
@@ -108,15 +116,20 @@ def assert_match(what: str, loss, grads, ref_loss, ref_grads) -> None:
         assert err <= GRAD_RTOL * scale + 1e-9, f"{what}: grad {n} err {err:.3e} (max {scale:.3e})"
 
 
-def check_case(what, base, cfg, groups, batch, *, ref_model=None, ref_batch=None, prep=None):
-    """Reference (unpatched ``base`` or ``ref_model``) on the full batch vs patched SP copy."""
+def check_case(what, base, cfg, groups, batch, *, ref_model=None, prep=None, derive=False):
+    """Reference (unpatched ``base`` or ``ref_model``) on the full batch vs patched SP copy.
+
+    ``derive``: drop the collator's sp_doc_ids so attention derives them from position_ids.
+    """
     ref_model = ref_model if ref_model is not None else copy.deepcopy(base)
-    ref = loss_and_grads(ref_model, ref_batch if ref_batch is not None else batch)
+    ref = loss_and_grads(ref_model, batch)
     model = copy.deepcopy(base)
     if prep is not None:
         model = prep(model)
     patch(model, cfg, groups)
     local = SPDataCollator(cfg, groups).shard(dict(batch))
+    if derive:
+        assert local.pop(DOC_IDS_KEY, None) is not None
     assert_match(what, *loss_and_grads(model, local, groups.sp_group), *ref)
 
 
@@ -189,6 +202,16 @@ def _feature_and_error_cases(groups) -> None:
                prep=_checkpointed)
     lora_base = _lora(tiny_model("llama"))
     check_case("llama/lora", lora_base, cfg, groups, make_batch("pad"))
+    for kind in ("pad", "packed"):  # no sp_doc_ids from the collator: derived in attention
+        check_case(f"llama/derived-doc-ids/{kind}", base, cfg, groups, make_batch(kind),
+                   derive=True)
+    # load-time opt-in: register() first, then from_config(attn_implementation=...)
+    register(cfg, groups)
+    loaded = AutoModelForCausalLM.from_config(copy.deepcopy(base.config),
+                                              attn_implementation=ATTN_NAME)
+    loaded.load_state_dict(base.state_dict())
+    assert loaded.config._attn_implementation == ATTN_NAME
+    check_case("llama/from_config", loaded, cfg, groups, make_batch("packed"), ref_model=base)
 
     expect_error(ValueError, "attention_dropout", patch,
                  tiny_model("llama", attention_dropout=0.1), cfg, groups)
@@ -204,6 +227,8 @@ def _feature_and_error_cases(groups) -> None:
     model = tiny_model("llama")
     patch(model, cfg, groups)
     expect_error(ValueError, "position_ids", model, input_ids=local["input_ids"])
+    per_shard = dict(local, position_ids=torch.arange(SEQ // 2).expand(2, -1))
+    expect_error(ValueError, "restart at 0 on every SP rank", model, **per_shard)
     odd = {k: v[:, :7] for k, v in local.items()}  # 14 tokens: not a multiple of 2p = 4
     expect_error(ValueError, "pad_to_multiple_of", model, **odd)
     model.train()
