@@ -111,9 +111,15 @@ def _profile(step, show: bool) -> None:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=acts) as prof:
         step()
-    key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-    if show:
-        print(prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=60))
+    if not show:
+        return
+    table = prof.key_averages()
+    for key in ("self_device_time_total", "self_cuda_time_total", "self_cpu_time_total"):
+        try:
+            print(table.table(sort_by=key, row_limit=20, max_name_column_width=60))
+            return
+        except (AttributeError, KeyError, ValueError):
+            continue
 
 
 def bucket_memory(args, dev) -> list[dict]:
