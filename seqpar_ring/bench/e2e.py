@@ -23,7 +23,9 @@ import argparse
 import gc
 import json
 import math
+import statistics
 import time
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -55,7 +57,7 @@ def build_model(spec: planner.ModelSpec, dtype: torch.dtype, attn: str):
                       head_dim=spec.d, tie_word_embeddings=spec.tied, attention_dropout=0.0,
                       max_position_embeddings=2**24, use_cache=False)
     torch.manual_seed(0)  # same random weights on every rank
-    model = LlamaForCausalLM._from_config(cfg, attn_implementation=attn, torch_dtype=dtype)
+    model = LlamaForCausalLM._from_config(cfg, attn_implementation=attn, dtype=dtype)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return model.train()
@@ -83,51 +85,38 @@ class Impl:
         ids = torch.randint(0, self.spec.vocab, (1, seq), generator=g)
         from ..layout import shard_batch
 
-        b = shard_batch({"input_ids": ids}, self.world, self.rank, self.layout)
+        b = shard_batch({"input_ids": ids, "labels": ids}, self.world, self.rank, self.layout)
         return {k: b[k].to(self.dev) for k in ("input_ids", "position_ids", "shift_labels")}
 
 
 class SeqPar(Impl):
     def setup(self) -> None:
         from ..config import SeqParConfig
-        from ..groups import get_groups, initialize
-        from ..integrations import hf
+        from ..groups import initialize
+        from ..integrations.deepspeed import initialize as ds_initialize
         from ..tiled import enable_tiled_loss
 
         a = self.a
-        try:
-            groups = get_groups()
-        except RuntimeError:
-            groups = initialize(self.world)
-        extra = {}
+        section = {"size": self.world, "attention": a.attention, "layout": a.layout,
+                   "kernel": a.kernel}
         if a.attention == "dilated":
-            extra = dict(segment_lengths=tuple(a.segments), dilation_rates=tuple(a.rates))
-        cfg = SeqParConfig(sp_size=self.world, attention=a.attention, layout=a.layout,
-                           kernel=a.kernel, **extra)
+            section.update(segment_lengths=a.segments, dilation_rates=a.rates)
+        cfg = SeqParConfig.from_dict({k: v for k, v in section.items() if k != "size"}
+                                     | {"sp_size": self.world})
         self.layout, self.divisor = cfg.layout, cfg.seq_len_divisor
+        groups = initialize(self.world)  # the same groups integrations.deepspeed will use
         model = build_model(self.spec, a.torch_dtype, "sdpa")
-        hf.patch(model, cfg, groups)
-        enable_tiled_loss(model, a.loss_tile, groups)
-        self.engine = _ds_initialize(model, ds_config(a, self.world, self.dev.type == "cuda"),
-                                     groups)
+        enable_tiled_loss(model, a.loss_tile, groups)  # before ZeRO-3 hooks are attached
+        config = {**ds_config(a, self.world, self.dev.type == "cuda"),
+                  "sequence_parallel": section}
+        self.engine = ds_initialize(model=model, config=config,
+                                    model_parameters=model.parameters())[0]
 
     def step(self, b: dict) -> float:
         loss = self.engine(**b, use_cache=False).loss
         self.engine.backward(loss)
         self.engine.step()
         return loss.item()
-
-
-def _ds_initialize(model, config: dict, groups):
-    try:
-        from ..integrations.deepspeed import initialize
-    except ImportError:  # integration not installed yet: same thing by hand
-        import deepspeed
-
-        return deepspeed.initialize(model=model, config=config,
-                                    model_parameters=model.parameters(), mpu=groups)[0]
-    res = initialize(model=model, config=config, model_parameters=model.parameters())
-    return res[0] if isinstance(res, (tuple, list)) else res
 
 
 class ALST(Impl):
@@ -139,6 +128,7 @@ class ALST(Impl):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         self.divisor = self.world
+        deepspeed.init_distributed()  # ALST's mpu asserts deepspeed.comm is up (joins torch's)
         self._sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]  # ALST overrides it globally: restored
         model = build_model(self.spec, self.a.torch_dtype, "sdpa")
         mpu = UlyssesSPAttentionHF.register_with_transformers(
@@ -213,19 +203,20 @@ def run_point(impl: Impl, seq: int, a, *, steps: int) -> dict:
         b = impl.batch(seq)
         reset_peak(impl.dev)
         t0 = time.perf_counter()
-        impl.step(b)  # warm-up (also the only step when it alone exhausts the budget)
+        # the same batch every step: the losses must fall (a training sanity check on GPU)
+        losses = [impl.step(b)]  # warm-up (the only step when it alone exhausts the budget)
         sync(impl.dev)
         first = time.perf_counter() - t0
-        times, loss = [], float("nan")
+        times = []
         while len(times) < steps and sum(times) + first < a.budget_s:
             sync(impl.dev)
             t0 = time.perf_counter()
-            loss = impl.step(b)
+            losses.append(impl.step(b))
             sync(impl.dev)
             times.append(time.perf_counter() - t0)
-        step_s = min(times) if times else first
+        step_s = statistics.median(times) if times else first
         row.update(step_s=step_s, tokens_per_s=seq / step_s, peak_gib=peak_gib(impl.dev),
-                   loss=loss)
+                   loss=losses[-1], losses=losses)
         if not times:
             row["status"] = "warm-up only (budget)"
     except Exception as e:  # noqa: BLE001 - any failure is a table row, not a crashed run
@@ -337,6 +328,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             impl.setup()
         except Exception as e:  # noqa: BLE001 - one broken implementation must not stop the other
+            traceback.print_exc()
             rows.append({"impl": name, "status": f"setup failed: {type(e).__name__}: {e}"[:160]})
             impl.teardown()
             continue
@@ -352,7 +344,8 @@ def main(argv: list[str] | None = None) -> None:
         title = f"e2e: {a.model} {a.dtype} ZeRO-{a.zero} SP={world} on {dev.type}"
         print_table(rows, COLUMNS, title)
         for name, best in maxima.items():
-            print(f"longest trainable sequence ({name}): {best:,} tokens")
+            note = " (--find-limit reached)" if best * 2 > a.find_limit else ""
+            print(f"longest trainable sequence ({name}): {best:,} tokens{note}")
         o = planner.PlanOptions(gpus=world, zero=a.zero, dtype=a.dtype, layout=a.layout)
         if dev.type == "cuda":
             mem = torch.cuda.get_device_properties(dev).total_memory / 2**30
