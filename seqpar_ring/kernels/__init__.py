@@ -46,6 +46,13 @@ def select_kernel(name: str, q: torch.Tensor, *, doc_ids: bool = False):
             name = "cudnn" if _cudnn_available() else "flash"
         else:
             name = "torch"
+    if name == "flex":
+        # FlexAttention has no CPU backward (so no CI path) and no lse-gradient-free way to take
+        # the merged lse; until a GPU-tested flex kernel lands, say so instead of faking one.
+        raise NotImplementedError(
+            "kernel='flex' is not implemented yet: use kernel='torch' for packed documents and "
+            "masks, 'cudnn' or 'flash' for plain causal attention on GPU"
+        )
     if name not in KERNELS:
         raise ValueError(f"kernel={name!r} is not one of {('auto', *KERNELS)}")
     kernel = KERNELS[name]
