@@ -59,6 +59,7 @@ from .ds_config import (
 
 __all__ = [
     "initialize",
+    "prepare_model_for_zero3",
     "add_argparse_args",
     "config_from_args",
     "split_config",
@@ -99,8 +100,12 @@ def _param_dtype(ds: Mapping[str, Any]) -> torch.dtype | None:
     return None
 
 
-def _prepare_zero3(model: nn.Module, ds: dict[str, Any], groups: SPGroups) -> None:
-    """Partition the parameters over the SP x DP group and correct the ZeRO-3 gradient scale."""
+def prepare_model_for_zero3(model: nn.Module, ds: Mapping[str, Any], groups: SPGroups) -> None:
+    """Partition the parameters over the SP x DP group and correct the ZeRO-3 gradient scale.
+
+    Call before DeepSpeed sees the model (`initialize` and the accelerate helper do). ``ds``:
+    the DeepSpeed config dict (for the parameter dtype and ZeRO settings).
+    """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -118,8 +123,9 @@ def _prepare_zero3(model: nn.Module, ds: dict[str, Any], groups: SPGroups) -> No
             )
     rest = [p for p in params if not hasattr(p, "ds_id")]
     if rest:
-        # What DeepSpeed would do before converting: move to the device, cast params only.
-        model.to(get_accelerator().current_device_name())
+        # What DeepSpeed would do before converting: move to this rank's device (the one
+        # zero.Init and the engine use: LOCAL_RANK), cast parameters only.
+        model.to(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", "0"))))
         dtype = _param_dtype(ds)
         if dtype is not None:
             for p in rest:
@@ -199,7 +205,7 @@ def initialize(
 
         patch(model, sp_cfg, groups)
     if _zero_stage(ds) == 3:
-        _prepare_zero3(model, ds, groups)
+        prepare_model_for_zero3(model, ds, groups)
     if args is not None:  # the config is passed resolved; DeepSpeed refuses both
         args = copy.copy(args)
         for name in ("deepspeed_config", "deepscale_config"):

@@ -85,7 +85,9 @@ def split_config(
         raise ValueError(f"{SECTION} must be a JSON object of settings, got {section!r}")
     section = dict(section)
     if "sp_size" in section:
-        raise ValueError(f"{SECTION}.sp_size is not a key of the JSON section: write {SECTION}.size")
+        raise ValueError(
+            f"{SECTION}.sp_size is not a key of the JSON section: write {SECTION}.size"
+        )
     unknown = sorted(set(section) - set(section_fields()))
     if unknown:
         raise ValueError(
@@ -104,7 +106,8 @@ def split_config(
         if value is not None:
             values[key] = value
     cfg = SeqParConfig.from_dict(values)
-    ds[SECTION] = {"size": cfg.sp_size, **{k: v for k, v in cfg.to_dict().items() if k != "sp_size"}}
+    rest = {k: v for k, v in cfg.to_dict().items() if k != "sp_size"}
+    ds[SECTION] = {"size": cfg.sp_size, **rest}
     ds[DS_SIZE_KEY] = cfg.sp_size
     return cfg, ds
 
@@ -137,7 +140,7 @@ def overrides_from_args(args: argparse.Namespace | None) -> dict[str, Any]:
 def config_from_args(
     args: argparse.Namespace | None, ds_config: str | os.PathLike | Mapping[str, Any] | None = None
 ) -> tuple[SeqParConfig, dict[str, Any]]:
-    """`split_config` of ``ds_config`` (default ``args.deepspeed_config``) with the flags applied."""
+    """`split_config` of ``ds_config`` (default ``args.deepspeed_config``), flags applied."""
     if ds_config is None:
         ds_config = getattr(args, "deepspeed_config", None)
     return split_config(ds_config, overrides_from_args(args))

@@ -5,7 +5,9 @@ under SP x DP with ZeRO 1/2/3 against a single-process run of the same global ba
 from __future__ import annotations
 
 import argparse
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +21,8 @@ from seqpar_ring.integrations import deepspeed as sp_ds  # noqa: E402
 from seqpar_ring.integrations.ds_checkpoint import _check  # noqa: E402
 from tests._dist import run_distributed  # noqa: E402
 
-SEQ, VOCAB, STEPS, LR, CLIP = 16, 64, 3, 0.05, 0.5
+SEQ, VOCAB, STEPS, LR = 16, 64, 3, 0.05
+CPU_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cpu_gloo.json"
 
 
 # --- config section and flags (no processes) -----------------------------------------------
@@ -119,10 +122,11 @@ def _tiny_llama():
     return LlamaForCausalLM(cfg).float()
 
 
-def _ds_config(sp, stage, micro, gas):
+def _ds_config(sp, stage, micro, gas, clip=0.0):
+    # clipping hides a wrong gradient scale: most cases run without it, some with it active
     return {
         "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": gas,
-        "gradient_clipping": CLIP, "zero_allow_untested_optimizer": True,
+        "gradient_clipping": clip, "zero_allow_untested_optimizer": True,
         "optimizer": {"type": "SGD", "params": {"lr": LR, "momentum": 0.9}},
         "zero_optimization": {"stage": stage},
         "sequence_parallel": {"size": sp, "layout": "zigzag", "kernel": "torch"},
@@ -135,7 +139,7 @@ def _batches(n_steps, global_batch, seed=1):
     return torch.randint(0, VOCAB, (n_steps, global_batch, SEQ), generator=g)
 
 
-def _reference(data, gas):
+def _reference(data, gas, clip=0.0):
     """One process, whole global batch, plain SGD: losses per step and final parameters."""
     model = _tiny_llama()
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
@@ -147,7 +151,8 @@ def _reference(data, gas):
             loss = model(input_ids=micro, labels=micro).loss
             (loss / gas).backward()
             total += loss.item() / gas
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         losses.append(total)
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -191,34 +196,41 @@ def _teardown(engine):
 
 
 def _match_cases(rank, world, cases):
-    """Every (sp, stage, micro, gas) case: 3 steps equal to one process on the global batch."""
+    """Each (sp, stage, micro, gas, clip[, "bf16"]) case: 3 steps equal one process on the
+    global batch (fp32: <= 1e-5 relative; bf16: the fp32 run within bf16 rounding)."""
     out = []
-    for sp, stage, micro, gas in cases:
+    for sp, stage, micro, gas, clip, *bf16 in cases:
         dp = world // sp
         data = _batches(STEPS, micro * gas * dp)
-        ref_losses, ref_params = _reference(data, gas)
-        model = _tiny_llama()
-        engine, *_ = sp_ds.initialize(model=model, config=_ds_config(sp, stage, micro, gas))
+        ref_losses, ref_params = _reference(data, gas, clip)
+        config = _ds_config(sp, stage, micro, gas, clip)
+        tol = 1e-5
+        if bf16:
+            config["bf16"], tol = {"enabled": True}, 2e-2
+        engine, *_ = sp_ds.initialize(model=_tiny_llama(), config=config)
         assert (engine.dp_world_size, engine.train_batch_size()) == (dp, micro * gas * dp)
         losses = _train(engine, data, micro, gas)
-        params = _params(engine)
+        params = {n: p.float() for n, p in _params(engine).items()}
         _teardown(engine)
         worst = max(((params[n] - r).abs().max() / r.abs().max()).item()
                     for n, r in ref_params.items())
-        tag = f"sp={sp} dp={dp} zero={stage} micro={micro} gas={gas}"
-        assert worst <= 1e-5, f"{tag}: parameters differ from one process by {worst:.2e}"
-        assert losses == pytest.approx(ref_losses, rel=1e-5, abs=1e-6), (tag, losses, ref_losses)
+        tag = f"sp={sp} dp={dp} zero={stage} micro={micro} gas={gas} clip={clip} {bf16}"
+        assert worst <= tol, f"{tag}: parameters differ from one process by {worst:.2e}"
+        assert losses == pytest.approx(ref_losses, rel=tol, abs=1e-6), (tag, losses, ref_losses)
         out.append((tag, worst))
     return out
 
 
 def test_sp2_world2_matches_single_process():
-    cases = [(2, 1, 2, 1), (2, 2, 1, 2), (2, 3, 2, 1), (2, 3, 1, 2)]
+    # (sp, zero stage, micro batch, grad accumulation, clipping)
+    cases = [(2, 0, 2, 1, 0.0), (2, 1, 2, 1, 0.0), (2, 2, 1, 2, 0.0), (2, 3, 2, 1, 0.0),
+             (2, 3, 1, 2, 0.5), (2, 3, 2, 1, 0.0, "bf16")]
     run_distributed(_match_cases, 2, cases, timeout=240)
 
 
 def test_world4_matches_single_process():
-    cases = [(2, 1, 1, 1), (2, 2, 1, 1), (2, 3, 1, 1), (4, 3, 1, 1), (4, 2, 1, 1)]
+    cases = [(2, 1, 1, 1, 0.0), (2, 2, 1, 1, 0.5), (2, 3, 1, 1, 0.0), (4, 3, 1, 1, 0.0),
+             (4, 1, 1, 1, 0.5)]
     run_distributed(_match_cases, 4, cases, timeout=300)
 
 
@@ -226,9 +238,18 @@ def test_world4_matches_single_process():
 CKPT_STEPS = 5
 
 
+def _ckpt_config(sp, stage, micro):
+    """configs/cpu_gloo.json (AdamW: its moments must be restored too) at this SP size / stage."""
+    cfg = json.loads(CPU_CONFIG.read_text())
+    cfg.update(train_micro_batch_size_per_gpu=micro, sequence_parallel_size=sp,
+               zero_optimization={"stage": stage})
+    cfg["sequence_parallel"]["size"] = sp
+    return cfg
+
+
 def _ckpt_save(rank, world, path, stage):
     data = _batches(CKPT_STEPS, 2)
-    engine, *_ = sp_ds.initialize(model=_tiny_llama(), config=_ds_config(2, stage, 2, 1))
+    engine, *_ = sp_ds.initialize(model=_tiny_llama(), config=_ckpt_config(2, stage, 2))
     _train(engine, data[:3], 2, 1)
     sp_ds.save_checkpoint(engine, path, client_state={"step": 3})
     after = _train(engine, data, 2, 1, start=3)
@@ -240,7 +261,7 @@ def _ckpt_load(rank, world, path, stage):
     data = _batches(CKPT_STEPS, 2)
     out = {}
     for sp, micro in ((2, 2), (1, 1)):  # same SP size; then SP 1 x DP 2 on the same world
-        engine, *_ = sp_ds.initialize(model=_tiny_llama(), config=_ds_config(sp, stage, micro, 1))
+        engine, *_ = sp_ds.initialize(model=_tiny_llama(), config=_ckpt_config(sp, stage, micro))
         _, client = sp_ds.load_checkpoint(engine, path)
         assert client["step"] == 3 and client["seqpar_ring"]["sp_size"] == 2
         out[sp] = _train(engine, data, micro, 1, start=3)
