@@ -173,10 +173,10 @@ def estimate(m: ModelSpec, seq_len: int, o: PlanOptions) -> Plan:
         live = max(m.layer_params(), m.vocab * m.hidden) + o.prefetch_bucket
         static += add("zero3 gathered params", live * b,
                       "largest module gathered for compute + prefetch bucket")
-    if o.zero >= 2 or o.zero == 0:
-        static += add("comm buckets", o.reduce_bucket * b, "gradient reduce bucket")
+    static += add("comm buckets", o.reduce_bucket * b, "gradient reduce (all-reduce) bucket")
 
-    ckpt = add("checkpoints", m.layers * t * m.hidden * b if o.checkpointing else m.layers * t * _layer_saved(m, b),
+    per_layer = m.hidden * b if o.checkpointing else _layer_saved(m, b)
+    ckpt = add("checkpoints", m.layers * t * per_layer,
                "each decoder layer's input (HF gradient checkpointing)" if o.checkpointing
                else "every layer's saved activations (no checkpointing)")
     ckpt += add("rope + final norm", t * (2 * m.d * b + m.hidden * (2 * b + 4)),

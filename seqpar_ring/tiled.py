@@ -214,8 +214,9 @@ def enable_tiled_loss(model: nn.Module, tile_size: int | None = None, group=None
        model's original loss function.
 
     ``num_items_in_batch`` (HF Trainer) follows ``integrations.hf_loss``: each SP rank returns
-    the group's loss sum / (sp * num_items_in_batch). Call AFTER ``integrations.hf.patch``
-    (which installs its own loss_function; the original one is kept as the fallback).
+    the group's loss sum / (sp * num_items_in_batch). Call before or after
+    ``integrations.hf.patch``: whichever loss_function is installed besides ours becomes the
+    fallback for calls that produce real logits.
 
     Consequence: when the tiled loss is used, ``outputs.logits`` holds the loss scalar, not
     logits (that is the memory saved). Call before ``deepspeed.initialize`` (ZeRO-3 hooks are
@@ -239,19 +240,21 @@ def enable_tiled_loss(model: nn.Module, tile_size: int | None = None, group=None
     new = TiledLMHead(head, group=_sp_group(group), tile_size=tile_size)
     model.set_output_embeddings(new)
     sp_size = _group_size(new.group)
-    original_loss = model.loss_function
+    fallback = [model.loss_function]  # the loss used when the head returned real logits
 
     def pre_hook(module, args, kwargs):
         new._last_loss = None
+        if module.loss_function is not loss_function:
+            # something (e.g. integrations.hf.patch) installed its loss after us: keep it as
+            # the fallback and put ours back in front, so the call order does not matter
+            fallback[0] = module.loss_function
+            module.loss_function = loss_function
         shift, labels = kwargs.get("shift_labels"), kwargs.get("labels")
         if shift is None and labels is not None:
             if sp_size > 1:
                 raise ValueError("under sequence parallelism pass shift_labels (shifted over "
                                  "the whole row before sharding, see shard_batch), not labels")
             shift = F.pad(labels, (0, 1), value=new.ignore_index)[..., 1:]
-        if module.loss_function is not loss_function:
-            raise RuntimeError("the model's loss_function was replaced after enable_tiled_loss "
-                               "(e.g. by integrations.hf.patch): call enable_tiled_loss last")
         if shift is not None and kwargs.get("logits_to_keep", 0) in (0, None):
             # transformers' num_items_in_batch counts labels over ALL ranks; each SP rank returns
             # group_sum / (sp * N) as integrations.hf_loss does
@@ -268,7 +271,7 @@ def enable_tiled_loss(model: nn.Module, tile_size: int | None = None, group=None
         if new._last_loss is not None and logits.dim() == 0:
             new._last_loss = None
             return logits
-        return original_loss(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
+        return fallback[0](logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
 
     model.register_forward_pre_hook(pre_hook, with_kwargs=True)
     model.loss_function = loss_function

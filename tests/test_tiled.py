@@ -1,4 +1,4 @@
-"""tiled_lm_loss equals sp_cross_entropy(F.linear(...)) in value and in grads of hidden/weight/bias."""
+"""tiled_lm_loss = sp_cross_entropy(F.linear(...)): value and grads of hidden, weight, bias."""
 
 import pytest
 import torch
