@@ -46,7 +46,10 @@ def check(group, dev, world, rank, kernels, layout) -> list[dict]:
     rows = []
     for heads, kvh in ((8, 8), (8, 2)):
         q, k, v = _qkv(4096, heads, kvh, 64, dev, torch.bfloat16)
-        dout = torch.randn_like(q)
+        # dout from a seeded generator: every rank must hold the same full dout, or the K/V
+        # gradients (which sum every rank's queries) cannot match the reference
+        g = torch.Generator(device=dev).manual_seed(1)
+        dout = torch.randn(q.shape, device=dev, dtype=q.dtype, generator=g)
         qf, kf, vf = [t.detach().float().requires_grad_() for t in (q, k, v)]
         ref = _sdpa_bhsd(qf, kf, vf, True)
         ref.backward(dout.float())
