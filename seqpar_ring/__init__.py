@@ -6,12 +6,14 @@ key/value blocks around the ring of the group. See README.md for the data flow.
 
 from __future__ import annotations
 
-import importlib
-
 from .config import SeqParConfig
+from .dilated import dilated_attention
 from .groups import SPGroups, destroy, get_groups, initialize
 from .layout import gather, shard, shard_batch, unshard
 from .loss import sp_cross_entropy
+from .modules import RingDilatedMultiheadAttention, sp_attention
+from .ring import ring_attention
+from .tiled import enable_tiled_loss, tiled_lm_loss
 
 __version__ = "0.1.0"
 
@@ -28,26 +30,11 @@ __all__ = [
     "gather",
     "shard_batch",
     "sp_cross_entropy",
+    "ring_attention",
+    "dilated_attention",
+    "sp_attention",
+    "RingDilatedMultiheadAttention",
+    "tiled_lm_loss",
+    "enable_tiled_loss",
     "__version__",
 ]
-
-
-def _optional(module: str, name: str) -> None:
-    # TODO(lead): remove this guard once ring.py, dilated.py and modules.py have landed, and
-    # import the three names directly like the ones above. It only tolerates a module (or a
-    # module it imports from this package) that does not exist yet; any other error is raised.
-    try:
-        mod = importlib.import_module(f"{__name__}.{module}")
-    except ImportError as err:
-        if not (err.name or "").startswith(__name__):
-            raise  # a missing third-party dependency is a real error
-        return
-    if hasattr(mod, name):
-        globals()[name] = getattr(mod, name)
-        __all__.append(name)
-
-
-_optional("ring", "ring_attention")
-_optional("dilated", "dilated_attention")
-_optional("modules", "RingDilatedMultiheadAttention")
-del _optional
