@@ -39,6 +39,15 @@ def _cudnn_available() -> bool:
     )
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        logger.warning(msg)
+
+
 def select_kernel(name: str, q: torch.Tensor, *, doc_ids: bool = False):
     """Resolve a kernel name ("auto" included) for inputs like ``q``; raise if it cannot run."""
     if name == "auto":
@@ -46,6 +55,10 @@ def select_kernel(name: str, q: torch.Tensor, *, doc_ids: bool = False):
             name = "cudnn" if _cudnn_available() else "flash"
         else:
             name = "torch"
+            if q.is_cuda:
+                _warn_once("kernel='auto' runs the pure-torch kernel on CUDA (packed documents, "
+                           "padding masks or fp32 inputs): correct but slow; set bucket_size "
+                           "(e.g. 2048) to bound its memory")
     if name == "flex":
         # FlexAttention has no CPU backward (so no CI path) and no lse-gradient-free way to take
         # the merged lse; until a GPU-tested flex kernel lands, say so instead of faking one.
