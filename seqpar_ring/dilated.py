@@ -35,7 +35,8 @@ import torch
 from . import comm as C
 from .kernels import select_kernel
 from .kernels.merge import accumulation_dtype, empty_accumulators, merge_into
-from .ring import RingPass, check_inputs, ring_backward, ring_forward
+from .checks import check_inputs
+from .ring import RingPass, ring_backward, ring_forward
 
 
 def validate_schedule(segment_lengths, dilation_rates, seq_len: int | None = None):
