@@ -102,6 +102,28 @@ def _wait(work, timeout: timedelta) -> bool:
         return work.wait() is not False
 
 
+def exchange(group, sends, recvs, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Point-to-point exchange inside ``group`` and wait for it.
+
+    sends: [(tensor, dst_group_rank, tag)], recvs: [(buffer, src_group_rank, tag)]. Messages
+    between one pair of ranks are matched in the order given (and by tag where supported), so
+    both sides must list them in the same order.
+    """
+    ops = [dist.P2POp(dist.isend, t, dist.get_global_rank(group, r), group, tag)
+           for t, r, tag in sends]
+    ops += [dist.P2POp(dist.irecv, t, dist.get_global_rank(group, r), group, tag)
+            for t, r, tag in recvs]
+    for t, _, _ in sends:
+        comm_stats.bytes_sent += t.numel() * t.element_size()
+        comm_stats.messages += 1
+    if not ops:
+        return
+    timeout = timedelta(seconds=timeout_s)
+    for w in dist.batch_isend_irecv(ops):
+        if not _wait(w, timeout):
+            raise RuntimeError(f"point-to-point exchange did not complete within {timeout_s:.0f}s")
+
+
 def all_gather_kv(x: torch.Tensor, group) -> torch.Tensor:
     """All-gather a contiguous tensor over ``group``: returns (p, *x.shape) in group-rank order."""
     p = dist.get_world_size(group)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import torch
 
@@ -161,11 +161,64 @@ def _merge_branch(out, lse, o, lse_b, plan: HeadPlan, r: int) -> None:
         merge_into(out, lse, o, lse_b[:, plan.inv])
 
 
+class _Zigzag:
+    """Deal a sub-ring's sparse rows out in zigzag order, and back.
+
+    Member i of a sub-ring of P ranks holds the contiguous sparse chunk i of its segment; under
+    causal attention member P-1 would do 2P-1 times the work of member 0. Cut every chunk in two
+    halves (2P half-chunks); zigzag order gives member i halves i and 2P-1-i, so all members do
+    equal work. Only half of each sparse tensor moves, once before and once after the ring pass.
+    """
+
+    def __init__(self, group, base: int, size: int, me: int, rows: int, timeout_s: float):
+        self.group, self.base, self.size, self.timeout_s = group, base, size, timeout_s
+        self.i, self.half = me - base, rows // 2
+        self.contig = [2 * self.i, 2 * self.i + 1]              # half-chunks held before
+        self.zig = [self.i, 2 * size - 1 - self.i]               # half-chunks held after
+
+    def zig_owner(self, c: int) -> int:
+        return c if c < self.size else 2 * self.size - 1 - c
+
+    def chunks_of(self, member: int, start: int) -> list[tuple[int, int]]:
+        """Chunks (sparse global coordinates) of group rank ``member`` in zigzag order."""
+        i, h = member - self.base, self.half
+        return [(start + i * h, h), (start + (2 * self.size - 1 - i) * h, h)]
+
+    def _move(self, tensors, have, want, dest, src):
+        out = [torch.empty_like(t) for t in tensors]
+        sends, recvs, landing = [], [], []
+        for ti, (t, o) in enumerate(zip(tensors, out)):
+            halves, targets = t.split(self.half, dim=2), o.split(self.half, dim=2)
+            for slot, c in enumerate(have):  # increasing c on both sides: pairs match in order
+                d = dest(c)
+                if d == self.i:
+                    targets[want.index(c)].copy_(halves[slot])
+                else:
+                    sends.append((halves[slot].contiguous(), self.base + d, ti * 64 + c))
+            for slot, c in enumerate(want):
+                s_ = src(c)
+                if s_ != self.i:
+                    buf = torch.empty_like(targets[slot], memory_format=torch.contiguous_format)
+                    recvs.append((buf, self.base + s_, ti * 64 + c))
+                    landing.append((targets[slot], buf))
+        C.exchange(self.group, sends, recvs, self.timeout_s)
+        for target, buf in landing:
+            target.copy_(buf)
+        return out
+
+    def to_zigzag(self, tensors):
+        return self._move(tensors, self.contig, self.zig, self.zig_owner, lambda c: c // 2)
+
+    def from_zigzag(self, tensors):
+        return self._move(tensors, self.zig, self.contig, lambda c: c // 2, self.zig_owner)
+
+
 @dataclass
 class _Branch:
     ps: RingPass
     r: int
     plan: HeadPlan
+    zigzag: _Zigzag | None = None
 
 
 def _branches(q, k, group, ws, rs, *, causal, kernel, scale, bucket_size, timeout_s):
@@ -177,6 +230,7 @@ def _branches(q, k, group, ws, rs, *, causal, kernel, scale, bucket_size, timeou
         wp = min(w, seq)
         plan = _head_plan(q.shape[1], k.shape[1], r, str(q.device))
         m = n // r  # sparse rows per rank
+        chunks_of, zigzag = (lambda j, m=m: [(j * m, m)]), None
         if wp <= n and n % wp == 0:  # segments inside the shard: local, never on the network
             ring, origins = None, [me]
         elif wp > n and wp % n == 0:  # a segment spans `size` whole shards: a sub-ring of them
@@ -184,13 +238,15 @@ def _branches(q, k, group, ws, rs, *, causal, kernel, scale, bucket_size, timeou
             base = (me // size) * size
             ring = C.RingComm(group, list(range(base, base + size)), timeout_s=timeout_s)
             origins = [base + (me - base - s) % size for s in range(size)]
+            if causal and m % 2 == 0:  # balance the causal work of the sub-ring
+                zigzag = _Zigzag(group, base, size, me, m, timeout_s)
+                chunks_of = partial(zigzag.chunks_of, start=base * m)
         else:  # segments straddle shard boundaries: the whole ring, masked by window index
             ring = C.RingComm(group, timeout_s=timeout_s) if p > 1 else None
             origins = [(me - s) % p for s in range(p)]
-        ps = RingPass(ring=ring, origins=origins, chunks_of=lambda j, m=m: [(j * m, m)], me=me,
-                      causal=causal, kernel=kernel, scale=scale, bucket_size=bucket_size,
-                      window=wp // r)
-        out.append(_Branch(ps, r, plan))
+        ps = RingPass(ring=ring, origins=origins, chunks_of=chunks_of, me=me, causal=causal,
+                      kernel=kernel, scale=scale, bucket_size=bucket_size, window=wp // r)
+        out.append(_Branch(ps, r, plan, zigzag))
     return out
 
 
@@ -203,7 +259,11 @@ class DilatedAttentionFunction(torch.autograd.Function):
         for br in branches:
             pl, r = br.plan, br.r
             qs, ks, vs = _q_rows(q, pl, r), _kv_rows(k, pl, r), _kv_rows(v, pl, r)
+            if br.zigzag is not None:
+                qs, ks, vs = br.zigzag.to_zigzag([qs, ks, vs])
             o, lse_b = ring_forward(br.ps, qs, ks, vs)
+            if br.zigzag is not None:
+                o, lse_b = br.zigzag.from_zigzag([o, lse_b])
             _merge_branch(out, lse, o, lse_b, pl, r)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
@@ -220,9 +280,13 @@ class DilatedAttentionFunction(torch.autograd.Function):
         for br in ctx.branches:
             pl, r = br.plan, br.r
             lses = _q_rows(lse.unsqueeze(-1), pl, r).squeeze(-1)
-            dqs, dks, dvs = ring_backward(
-                br.ps, _q_rows(dout, pl, r), _q_rows(q, pl, r), _kv_rows(k, pl, r),
-                _kv_rows(v, pl, r), _q_rows(out, pl, r), lses)
+            rows = [_q_rows(dout, pl, r), _q_rows(q, pl, r), _kv_rows(k, pl, r),
+                    _kv_rows(v, pl, r), _q_rows(out, pl, r), lses]
+            if br.zigzag is not None:
+                rows = br.zigzag.to_zigzag(rows)
+            dqs, dks, dvs = ring_backward(br.ps, *rows)
+            if br.zigzag is not None:
+                dqs, dks, dvs = br.zigzag.from_zigzag([dqs, dks, dvs])
             _add_rows(dq, dqs, pl.perm, pl.q_identity, pl.q_off, r)
             _add_rows(dk, dks, pl.kv_head, pl.kv_identity, pl.kv_off, r)
             _add_rows(dv, dvs, pl.kv_head, pl.kv_identity, pl.kv_off, r)

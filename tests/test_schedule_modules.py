@@ -37,6 +37,25 @@ def test_zigzag_balances_causal_work(p):
     assert contiguous[-1] == (p - 1) * n * n + n * (n + 1) // 2
 
 
+@pytest.mark.parametrize("size", [2, 3, 4, 8])
+def test_dilated_sub_ring_zigzag_balances_causal_work(size):
+    from seqpar_ring.dilated import _Zigzag
+
+    rows, start = 16, 5 * 16 * size  # a sub-ring somewhere inside the sequence
+    work = []
+    for me in range(size):
+        z = _Zigzag(None, 0, size, me, rows, 1.0)
+        total = 0
+        for origin in range(size):
+            for call in plan_blocks(z.chunks_of(me, start), z.chunks_of(origin, start), True,
+                                    window=size * rows):
+                nq, nk = call.q.stop - call.q.start, call.k.stop - call.k.start
+                total += nq * (nq + 1) // 2 if call.causal else nq * nk
+        work.append(total)
+    n = size * rows
+    assert len(set(work)) == 1 and sum(work) == n * (n + 1) // 2, work
+
+
 def test_non_causal_pass_is_one_call_per_block():
     for p in (2, 3):
         for layout in ("contiguous", "zigzag"):
