@@ -5,13 +5,18 @@ p ≡ h (mod r) inside one segment of w' = min(w, S) tokens. Because every segme
 multiple of r, a branch is plain (causal) attention on a *sparsified* sequence — the rows
 p = o + t·r of each head, t = 0, 1, … — cut into windows of w'/r rows. So each branch:
 
-1. selects its rows locally (cached index tensors, no Python loop over tokens) — K/V shrink by
-   r before they travel;
+1. gathers its rows locally (``sparse.py``: one indexed copy per tensor, none for r = 1) —
+   K/V shrink by r before they travel;
 2. runs one ring pass (``ring.ring_forward``) in those sparse coordinates: segments that fit in
-   a rank's shard are computed locally with no communication; longer segments use a sub-ring of
-   just the w'/n ranks that share the segment;
-3. scatters its (out, lse) back to the dense rows (unselected rows: lse = -inf) and merges them
-   with the other branches by log-sum-exp — the same merge as ring blocks.
+   a rank's shard are one local kernel call with no communication; longer segments use a
+   sub-ring of just the w'/n ranks that share the segment;
+3. returns its sparse (out, lse). The branches are merged once at the end: the merged lse from
+   the small lse tensors first, then each branch's rows are added into the output, weighted by
+   exp(lse_i - L) — the same log-sum-exp rule as ring blocks, without a dense accumulator per
+   branch.
+
+Everything stays in the model's (batch, seq_local, heads, head_dim) layout, so a branch's
+segments are views (windows become batch entries) and the fused kernels read them in place.
 
 Backward runs each branch's ring backward with the MERGED out and lse (one softmax over all
 branches' keys), so no branch weight is treated as a constant.
@@ -26,17 +31,17 @@ with GQA, K/V are sent once per (kv head, offset) pair that some query head need
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import partial
 
 import torch
 
 from . import comm as C
-from .kernels import select_kernel
-from .kernels.merge import accumulation_dtype, empty_accumulators, merge_into
 from .checks import check_inputs
+from .kernels import select_kernel
+from .kernels.merge import accumulation_dtype
 from .ring import RingPass, ring_backward, ring_forward
+from .sparse import BranchHeads, branch_heads
 
 
 def validate_schedule(segment_lengths, dilation_rates, seq_len: int | None = None):
@@ -55,110 +60,6 @@ def validate_schedule(segment_lengths, dilation_rates, seq_len: int | None = Non
             raise ValueError(f"sequence length {seq_len} is not a multiple of segment length {w}: "
                              f"pad the sequence to a multiple of {w} or change the segment length")
     return ws, rs
-
-
-@dataclass(frozen=True)
-class HeadPlan:
-    """Which (kv head, offset) pairs travel, and the query-head order that groups them.
-
-    Query heads in ``perm`` order map to sparse kv head i // (heads / U), U = len(kv_head).
-    ``q_identity`` / ``kv_identity``: no head reordering is needed (MHA, and GQA whenever the
-    rate keeps heads in order) — then rows are gathered and scattered in place, no dense copies.
-    """
-
-    perm: torch.Tensor
-    inv: torch.Tensor
-    q_off: torch.Tensor
-    kv_head: torch.Tensor
-    kv_off: torch.Tensor
-    q_identity: bool
-    kv_identity: bool
-
-
-@lru_cache(maxsize=64)
-def _head_plan(heads: int, kv_heads: int, r: int, device: str) -> HeadPlan:
-    g = heads // kv_heads
-    pairs = [(h // g, h % r) for h in range(heads)]
-    counts = Counter(pairs)
-    if len(set(counts.values())) == 1:  # uniform groups: send each pair once, GQA-style
-        perm = sorted(range(heads), key=lambda h: (pairs[h], h))
-        uniq = sorted(counts)
-    else:  # irregular grouping: one sparse kv head per query head
-        perm = list(range(heads))
-        uniq = pairs
-    dev = torch.device(device)
-
-    def t(x):
-        return torch.tensor(x, dtype=torch.long, device=dev)
-
-    inv = [0] * heads
-    for i, h in enumerate(perm):
-        inv[h] = i
-    kv_head = [u[0] for u in uniq]
-    return HeadPlan(t(perm), t(inv), t([pairs[h][1] for h in perm]), t(kv_head),
-                    t([u[1] for u in uniq]), perm == list(range(heads)),
-                    kv_head == list(range(kv_heads)))
-
-
-def _index(offsets: torch.Tensor, shape) -> torch.Tensor:
-    b, h, m, d = shape
-    return offsets.view(1, h, 1, 1, 1).expand(b, h, m, 1, d)
-
-
-def _select(x: torch.Tensor, offsets: torch.Tensor, r: int) -> torch.Tensor:
-    """(B, H, n, D) -> (B, H, n/r, D): row o_h + t·r of head h."""
-    b, h, n, d = x.shape
-    if r == 1:
-        return x
-    return x.reshape(b, h, n // r, r, d).gather(3, _index(offsets, (b, h, n // r, d))).squeeze(3)
-
-
-def _scatter(xs: torch.Tensor, offsets: torch.Tensor, r: int, fill: float = 0.0) -> torch.Tensor:
-    """Inverse of ``_select``: (B, H, m, D) -> (B, H, m·r, D), ``fill`` in unselected rows."""
-    if r == 1:
-        return xs
-    b, h, m, d = xs.shape
-    out = xs.new_full((b, h, m, r, d), fill)
-    out.scatter_(3, _index(offsets, xs.shape), xs.unsqueeze(3))
-    return out.view(b, h, m * r, d)
-
-
-def _q_rows(x: torch.Tensor, plan: HeadPlan, r: int) -> torch.Tensor:
-    return _select(x if plan.q_identity else x[:, plan.perm], plan.q_off, r)
-
-
-def _kv_rows(x: torch.Tensor, plan: HeadPlan, r: int) -> torch.Tensor:
-    return _select(x if plan.kv_identity else x[:, plan.kv_head], plan.kv_off, r)
-
-
-def _add_rows(dst: torch.Tensor, src: torch.Tensor, heads: torch.Tensor, identity: bool,
-              offsets: torch.Tensor, r: int) -> None:
-    """dst (B, H, n, D) += src (B, U, n/r, D) placed at its heads' rows (inverse of selection)."""
-    if identity and r == 1:
-        dst += src
-    elif identity:
-        b, h, n, d = dst.shape
-        dst.view(b, h, n // r, r, d).scatter_add_(3, _index(offsets, src.shape), src.unsqueeze(3))
-    else:
-        dst.index_add_(1, heads, _scatter(src, offsets, r))
-
-
-def _merge_branch(out, lse, o, lse_b, plan: HeadPlan, r: int) -> None:
-    """Merge one branch's sparse (out, lse) into the dense accumulators, in place."""
-    if plan.q_identity and r == 1:
-        merge_into(out, lse, o, lse_b)
-    elif plan.q_identity:  # gather the touched rows, merge, put them back: O(n/r) traffic
-        b, h, n, d = out.shape
-        sel_o, sel_l = _select(out, plan.q_off, r), _select(lse.unsqueeze(-1), plan.q_off, r)
-        sel_l = sel_l.squeeze(-1)
-        merge_into(sel_o, sel_l, o, lse_b)
-        out.view(b, h, n // r, r, d).scatter_(3, _index(plan.q_off, o.shape), sel_o.unsqueeze(3))
-        lse.view(b, h, n // r, r, 1).scatter_(
-            3, _index(plan.q_off, (b, h, n // r, 1)), sel_l.unsqueeze(-1).unsqueeze(3))
-    else:  # reordered heads: go through dense copies (-inf where the branch has no row)
-        o = _scatter(o, plan.q_off, r)[:, plan.inv]
-        lse_b = _scatter(lse_b.unsqueeze(-1), plan.q_off, r, float("-inf")).squeeze(-1)
-        merge_into(out, lse, o, lse_b[:, plan.inv])
 
 
 class _Zigzag:
@@ -216,19 +117,17 @@ class _Zigzag:
 @dataclass
 class _Branch:
     ps: RingPass
-    r: int
-    plan: HeadPlan
+    heads: BranchHeads
     zigzag: _Zigzag | None = None
 
 
-def _branches(q, k, group, ws, rs, *, causal, kernel, scale, bucket_size, timeout_s):
+def _branches(n, heads, kv_heads, device, group, ws, rs, *, causal, kernel, scale, bucket_size,
+              timeout_s):
     p, me = C.group_size(group), C.group_rank(group)
-    n = q.shape[2]
     seq = n * p
     out = []
     for w, r in zip(ws, rs):
         wp = min(w, seq)
-        plan = _head_plan(q.shape[1], k.shape[1], r, str(q.device))
         m = n // r  # sparse rows per rank
         chunks_of, zigzag = (lambda j, m=m: [(j * m, m)]), None
         if wp <= n and n % wp == 0:  # segments inside the shard: local, never on the network
@@ -246,26 +145,72 @@ def _branches(q, k, group, ws, rs, *, causal, kernel, scale, bucket_size, timeou
             origins = [(me - s) % p for s in range(p)]
         ps = RingPass(ring=ring, origins=origins, chunks_of=chunks_of, me=me, causal=causal,
                       kernel=kernel, scale=scale, bucket_size=bucket_size, window=wp // r)
-        out.append(_Branch(ps, r, plan, zigzag))
+        out.append(_Branch(ps, branch_heads(heads, kv_heads, r, str(device)), zigzag))
     return out
 
 
+def _bhsd(x: torch.Tensor) -> torch.Tensor:
+    """(B, rows, heads, D) <-> (B, heads, rows, D): the ring's layout, as a view."""
+    return x.transpose(1, 2)
+
+
+def _branch_forward(br: _Branch, q, k, v):
+    """One branch on its sparse rows: out (B, n/r, H, D) in any float dtype, lse (B, n/r, H)."""
+    hq, hkv = br.heads.q, br.heads.kv
+    rows = [_bhsd(hq.take(q)), _bhsd(hkv.take(k)), _bhsd(hkv.take(v))]
+    if br.zigzag is not None:
+        rows = br.zigzag.to_zigzag(rows)
+    o, lse = ring_forward(br.ps, *rows)
+    if br.zigzag is not None:
+        o, lse = br.zigzag.from_zigzag([o, lse])
+    return _bhsd(o), lse.transpose(1, 2)
+
+
+def _merge(parts, branches, q):
+    """Merge the branches' (out, lse) into dense out (B, n, H, D) in q's dtype and lse (B, n, H).
+
+    Two passes: the merged lse first (small tensors), then each branch's rows are added once,
+    weighted by exp(lse_i - L) — no dense accumulator is rescaled per branch. Rows that no
+    branch reaches keep lse = -inf and out = 0.
+    """
+    acc = accumulation_dtype(q.dtype)
+    b, n, h, d = q.shape
+    lse = torch.full((b, n, h), float("-inf"), dtype=acc, device=q.device)
+    for (_, l_), br in zip(parts, branches):
+        rows = br.heads.q
+        rows.put(lse, torch.logaddexp(rows.take(lse), l_.to(acc)))
+    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    out = None
+    for (o, l_), br in zip(parts, branches):
+        rows = br.heads.q
+        weighted = o * torch.exp(l_.to(acc) - rows.take(safe)).unsqueeze(-1)
+        if out is None and rows.identity:
+            out = weighted.to(acc)
+            continue
+        if out is None:
+            out = torch.zeros((b, n, h, d), dtype=acc, device=q.device)
+        rows.add_to(out, weighted)
+    return out.to(q.dtype), lse
+
+
+def _accumulate(total, part, rows, like, acc):
+    """total (dense, fp32/fp64, created on first use) += part (sparse rows)."""
+    if total is None and rows.identity:
+        return part.to(acc, memory_format=torch.contiguous_format)
+    if total is None:
+        total = torch.zeros(like.shape, dtype=acc, device=like.device)
+    rows.add_to(total, part)
+    return total
+
+
 class DilatedAttentionFunction(torch.autograd.Function):
-    """q (B, H, n, D), k/v (B, Hkv, n, D) -> out (B, H, n, D), all branches merged."""
+    """q (B, n, H, D), k/v (B, n, Hkv, D) -> out (B, n, H, D), all branches merged."""
 
     @staticmethod
     def forward(ctx, q, k, v, branches):
-        out, lse = empty_accumulators(q, accumulation_dtype(q.dtype))
-        for br in branches:
-            pl, r = br.plan, br.r
-            qs, ks, vs = _q_rows(q, pl, r), _kv_rows(k, pl, r), _kv_rows(v, pl, r)
-            if br.zigzag is not None:
-                qs, ks, vs = br.zigzag.to_zigzag([qs, ks, vs])
-            o, lse_b = ring_forward(br.ps, qs, ks, vs)
-            if br.zigzag is not None:
-                o, lse_b = br.zigzag.from_zigzag([o, lse_b])
-            _merge_branch(out, lse, o, lse_b, pl, r)
-        out = out.to(q.dtype)
+        parts = [_branch_forward(br, q, k, v) for br in branches]
+        out, lse = _merge(parts, branches, q)
+        del parts
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.branches = branches
         return out
@@ -273,23 +218,24 @@ class DilatedAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
+        dout = dout.contiguous()  # the fused kernels want dout laid out like out
         acc = accumulation_dtype(q.dtype)
-        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        dk = torch.zeros(k.shape, dtype=acc, device=q.device)
-        dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+        dq = dk = dv = None
         for br in ctx.branches:
-            pl, r = br.plan, br.r
-            lses = _q_rows(lse.unsqueeze(-1), pl, r).squeeze(-1)
-            rows = [_q_rows(dout, pl, r), _q_rows(q, pl, r), _kv_rows(k, pl, r),
-                    _kv_rows(v, pl, r), _q_rows(out, pl, r), lses]
+            hq, hkv = br.heads.q, br.heads.kv
+            # each branch's backward takes the MERGED out and lse: one softmax over all branches
+            rows = [_bhsd(hq.take(dout)), _bhsd(hq.take(q)), _bhsd(hkv.take(k)),
+                    _bhsd(hkv.take(v)), _bhsd(hq.take(out)), hq.take(lse).transpose(1, 2)]
             if br.zigzag is not None:
                 rows = br.zigzag.to_zigzag(rows)
-            dqs, dks, dvs = ring_backward(br.ps, *rows)
+            grads = ring_backward(br.ps, *rows)
+            del rows
             if br.zigzag is not None:
-                dqs, dks, dvs = br.zigzag.from_zigzag([dqs, dks, dvs])
-            _add_rows(dq, dqs, pl.perm, pl.q_identity, pl.q_off, r)
-            _add_rows(dk, dks, pl.kv_head, pl.kv_identity, pl.kv_off, r)
-            _add_rows(dv, dvs, pl.kv_head, pl.kv_identity, pl.kv_off, r)
+                grads = br.zigzag.from_zigzag(list(grads))
+            dqs, dks, dvs = (_bhsd(g) for g in grads)
+            dq = _accumulate(dq, dqs, hq, q, acc)
+            dk = _accumulate(dk, dks, hkv, k, acc)
+            dv = _accumulate(dv, dvs, hkv, v, acc)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 
@@ -333,8 +279,8 @@ def dilated_attention(
                  extra=dict(causal=int(causal), branches=len(ws), w0=ws[0], r0=rs[0]))
     # Segments that straddle shards are masked per row, which only the torch kernel can do.
     kern = select_kernel(kernel, q, doc_ids=not aligned)
-    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    branches = _branches(qh, kh, group, ws, rs, causal=causal, kernel=kern,
+    branches = _branches(n, q.shape[2], k.shape[2], q.device, group, ws, rs, causal=causal,
+                         kernel=kern,
                          scale=scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]),
                          bucket_size=bucket_size, timeout_s=timeout_s)
-    return DilatedAttentionFunction.apply(qh, kh, vh, branches).transpose(1, 2)
+    return DilatedAttentionFunction.apply(q, k, v, branches)

@@ -52,16 +52,19 @@ class RingPass:
 
 
 def _segmented(x: torch.Tensor, w: int) -> torch.Tensor:
-    """(B, H, L, D) -> (B * L/w, H, w, D): windows become batch entries."""
+    """(B, H, L, D) -> (B * L/w, H, w, D): windows become batch entries.
+
+    A view when x's memory is (B, L, H, D) — the model's layout, which the ring keeps — so the
+    fused kernels read the windows in place.
+    """
     b, h, n, d = x.shape
-    return x.reshape(b, h, n // w, w, d).transpose(1, 2).reshape(b * (n // w), h, w, d)
+    return x.transpose(1, 2).reshape(b * (n // w), w, h, d).transpose(1, 2)
 
 
 def _unsegmented(x: torch.Tensor, b: int) -> torch.Tensor:
     """Inverse of ``_segmented`` for (B*L/w, H, w, ...) -> (B, H, L, ...)."""
-    nseg, h = x.shape[0] // b, x.shape[1]
-    y = x.reshape(b, nseg, h, *x.shape[2:]).transpose(1, 2)
-    return y.reshape(b, h, nseg * x.shape[2], *x.shape[3:])
+    nseg, h, w = x.shape[0] // b, x.shape[1], x.shape[2]
+    return x.transpose(1, 2).reshape(b, nseg * w, h, *x.shape[3:]).transpose(1, 2)
 
 
 def _window_ids(call: BlockCall, b: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,6 +92,7 @@ def _fwd_call(ps: RingPass, call: BlockCall, q, k, v, q_doc, k_doc):
 def _bwd_call(ps: RingPass, call: BlockCall, dout, q, k, v, out, lse, delta, q_doc, k_doc):
     sl = (slice(None), slice(None), call.q)
     kw = dict(causal=call.causal, scale=ps.scale, bucket_size=ps.bucket_size)
+    delta_b = None if delta is None else delta[sl]
     if call.window is None or call.masked:
         if call.masked:
             qd, kd = _window_ids(call, q.shape[0], q[sl].shape[2], q.device)
@@ -97,17 +101,19 @@ def _bwd_call(ps: RingPass, call: BlockCall, dout, q, k, v, out, lse, delta, q_d
             kd = None if k_doc is None else k_doc[:, call.k]
         return ps.kernel.backward(
             dout[sl], q[sl], k[:, :, call.k], v[:, :, call.k], out[sl], lse[sl],
-            q_doc=qd, k_doc=kd, delta=delta[sl], **kw,
+            q_doc=qd, k_doc=kd, delta=delta_b, **kw,
         )
     w, b = call.window, q.shape[0]
 
     def seg(x):
         return _segmented(x, w)
 
+    def seg_rows(x):  # (B, H, L) per-row values
+        return None if x is None else seg(x.unsqueeze(-1)).squeeze(-1)
+
     dq, dk, dv = ps.kernel.backward(
         seg(dout[sl]), seg(q[sl]), seg(k[:, :, call.k]), seg(v[:, :, call.k]), seg(out[sl]),
-        seg(lse[sl].unsqueeze(-1)).squeeze(-1), delta=seg(delta[sl].unsqueeze(-1)).squeeze(-1),
-        **kw,
+        seg_rows(lse[sl]), delta=seg_rows(delta_b), **kw,
     )
     return _unsegmented(dq, b), _unsegmented(dk, b), _unsegmented(dv, b)
 
@@ -162,11 +168,36 @@ def _gathered(ps: RingPass, k, v, doc):
              None if docs is None else docs[j]) for j in range(ks.shape[0])]
 
 
+def _local_call(ps: RingPass, n_q: int, n_k: int) -> BlockCall | None:
+    """The single kernel call of a pass that stays on this rank and covers every row, if so."""
+    if ps.ring is not None or ps.gather_group is not None or len(ps.origins) != 1:
+        return None
+    calls = ps.calls(ps.origins[0])
+    if len(calls) != 1:
+        return None
+    c = calls[0]
+    whole = all(s.start in (0, None) and s.stop == n for s, n in ((c.q, n_q), (c.k, n_k)))
+    return c if whole else None
+
+
+def _delta(ps: RingPass, dout, out):
+    """rowsum(dout * out) for kernels that take it precomputed (the fused ones compute it)."""
+    if not ps.kernel.needs_delta:
+        return None
+    acc = accumulation_dtype(dout.dtype)
+    return (dout.to(acc) * out.to(acc)).sum(-1)
+
+
 def ring_forward(ps: RingPass, q, k, v, q_doc=None, k_doc=None):
     """One pass forward. q (B, H, n, D); k, v (B, Hkv, n, D); docs (B, n) or None.
 
-    Returns out, lse in the accumulation dtype (fp32; fp64 for fp64 inputs).
+    Returns out (B, H, n, D) and lse (B, H, n): out in the accumulation dtype (fp32; fp64 for
+    fp64 inputs), except when one local kernel call makes the whole pass (world size 1, local
+    dilated segments) — then the kernel's own result, with no accumulator and no merge.
     """
+    call = _local_call(ps, q.shape[2], k.shape[2])
+    if call is not None:
+        return _fwd_call(ps, call, q, k, v, q_doc, k_doc)
     out, lse = empty_accumulators(q, accumulation_dtype(q.dtype))
     if ps.gather_group is not None:
         blocks = _gathered(ps, k, v, k_doc)
@@ -183,14 +214,18 @@ def ring_forward(ps: RingPass, q, k, v, q_doc=None, k_doc=None):
 
 
 def ring_backward(ps: RingPass, dout, q, k, v, out, lse, q_doc=None, k_doc=None):
-    """One pass backward with the MERGED out/lse. Returns dq, dk, dv in the accumulation dtype.
+    """One pass backward with the MERGED out/lse. Returns dq, dk, dv in the accumulation dtype
+    (the kernel's dtype when one local call makes the pass, as in ``ring_forward``).
 
     dK/dV of the K/V block held at step s are accumulated (fp32) in a buffer that then moves one
     hop, so it meets the K/V it belongs to at the next rank; after a full lap it is home. Two
     such buffers exist: one in flight, one receiving.
     """
+    delta = _delta(ps, dout, out)
+    call = _local_call(ps, q.shape[2], k.shape[2])
+    if call is not None:  # one local call: its gradients are the pass's
+        return _bwd_call(ps, call, dout, q, k, v, out, lse, delta, q_doc, k_doc)
     acc = accumulation_dtype(q.dtype)
-    delta = (dout.to(acc) * out.to(acc)).sum(-1)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dkv_shape = (2, *k.shape)
     allgather = ps.gather_group is not None

@@ -25,6 +25,7 @@ logger = logging.getLogger("seqpar_ring")
 TorchKernel = SimpleNamespace(
     name="torch",
     supports_doc_ids=True,
+    needs_delta=True,  # takes rowsum(dout * out) precomputed once per pass
     forward=torch_kernel.block_forward,
     backward=torch_kernel.block_backward,
 )

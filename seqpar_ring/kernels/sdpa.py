@@ -26,10 +26,11 @@ def _expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _fold_kv_grad(dx: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Sum the per-query-head K/V gradients of a group, in fp32 (bf16 sums lose bits)."""
     b, h, n, d = dx.shape
     if h == kv_heads:
         return dx
-    return dx.view(b, kv_heads, h // kv_heads, n, d).sum(2)
+    return dx.unflatten(1, (kv_heads, h // kv_heads)).sum(2, dtype=torch.float32)
 
 
 class CudnnKernel:
@@ -37,6 +38,7 @@ class CudnnKernel:
 
     name = "cudnn"
     supports_doc_ids = False
+    needs_delta = False
 
     @staticmethod
     def forward(q, k, v, *, causal, scale, q_doc=None, k_doc=None, bucket_size=None):
@@ -63,6 +65,7 @@ class FlashKernel:
 
     name = "flash"
     supports_doc_ids = False
+    needs_delta = False
 
     @staticmethod
     def forward(q, k, v, *, causal, scale, q_doc=None, k_doc=None, bucket_size=None):

@@ -1,0 +1,101 @@
+"""The rows a dilated branch keeps: which heads and offsets, gathered out and added back.
+
+Dense tensors are (batch, seq_local, heads, *rest), the model's own layout. Branch (w, r) keeps,
+for head h, the rows o_h + t·r (t = 0, 1, ...) with o_h = h mod r. Its sparse tensors are
+(batch, seq_local/r, U, *rest): sparse head u is dense head ``heads[u]`` at offset
+``offsets[u]``. Every segment starts at a multiple of r, so a segment of w/r sparse rows is a
+contiguous run and the kernels see plain attention on it.
+
+Splitting the sequence dimension into (seq_local/r, r) is a view for any strides, so a gather
+is one advanced-indexing copy per tensor (none when r = 1 and the heads stay in order) — no
+Python loop over tokens, and the index lists are cached per (heads, kv_heads, r, device).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+
+@dataclass(frozen=True)
+class Rows:
+    """One side of a branch (queries, or keys/values): its heads, offsets and rate."""
+
+    heads: torch.Tensor    # (U,) dense head of each sparse head
+    offsets: torch.Tensor  # (U,) row offset of each sparse head, in [0, r)
+    r: int
+    identity: bool         # r = 1 and heads = 0..H-1: the sparse tensor is the dense one
+    unique: bool           # no (offset, head) pair repeats: writes need no accumulation
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(1, (x.shape[1] // self.r, self.r))
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, n, H, *rest) -> (B, n/r, U, *rest): the rows this side keeps (a view if identity)."""
+        if self.identity:
+            return x
+        return self._split(x)[:, :, self.offsets, self.heads]
+
+    def put(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """dst[rows] = src (``take``'s inverse); pairs must be unique."""
+        if self.identity:
+            dst.copy_(src)
+        else:
+            self._split(dst)[:, :, self.offsets, self.heads] = src.to(dst.dtype)
+
+    def add_to(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """dst[rows] += src; repeated (offset, head) pairs add up."""
+        if self.identity:
+            dst.add_(src)
+        elif self.unique:
+            self._split(dst)[:, :, self.offsets, self.heads] += src
+        else:
+            b, m = src.shape[:2]
+            idx = (torch.arange(b, device=dst.device).view(b, 1, 1),
+                   torch.arange(m, device=dst.device).view(1, m, 1),
+                   self.offsets.view(1, 1, -1), self.heads.view(1, 1, -1))
+            self._split(dst).index_put_(idx, src.to(dst.dtype), accumulate=True)
+
+
+@dataclass(frozen=True)
+class BranchHeads:
+    """Query and key/value rows of one branch.
+
+    Query heads are reordered so that the sparse query heads of one sparse K/V head are
+    adjacent (the kernels' GQA grouping): sparse query head i reads sparse K/V head
+    i // (heads / U). With GQA, K/V travel once per (kv head, offset) pair some query head
+    needs — unless the pairs are used unevenly, then once per query head.
+    """
+
+    q: Rows
+    kv: Rows
+
+
+@lru_cache(maxsize=64)
+def branch_heads(heads: int, kv_heads: int, r: int, device: str) -> BranchHeads:
+    g = heads // kv_heads
+    pairs = [(h // g, h % r) for h in range(heads)]  # (kv head, offset) each query head needs
+    counts = Counter(pairs)
+    if len(set(counts.values())) == 1:  # even use: each pair once, its query heads adjacent
+        q_order = sorted(range(heads), key=lambda h: (pairs[h], h))
+        kv_pairs = sorted(counts)
+    else:  # uneven use: one sparse kv head per query head (pairs may repeat)
+        q_order = list(range(heads))
+        kv_pairs = pairs
+    q = _rows(q_order, [pairs[h][1] for h in q_order], r, heads, device)
+    kv = _rows([j for j, _ in kv_pairs], [o for _, o in kv_pairs], r, kv_heads, device)
+    return BranchHeads(q, kv)
+
+
+def _rows(heads: list[int], offsets: list[int], r: int, dense_heads: int, device: str) -> Rows:
+    dev = torch.device(device)
+    return Rows(
+        heads=torch.tensor(heads, dtype=torch.long, device=dev),
+        offsets=torch.tensor(offsets, dtype=torch.long, device=dev),
+        r=r,
+        identity=r == 1 and heads == list(range(dense_heads)),
+        unique=len(set(zip(heads, offsets))) == len(heads),
+    )
