@@ -6,9 +6,12 @@ for head h, the rows o_h + t·r (t = 0, 1, ...) with o_h = h mod r. Its sparse t
 ``offsets[u]``. Every segment starts at a multiple of r, so a segment of w/r sparse rows is a
 contiguous run and the kernels see plain attention on it.
 
-Splitting the sequence dimension into (seq_local/r, r) is a view for any strides, so a gather
-is one advanced-indexing copy per tensor (none when r = 1 and the heads stay in order) — no
-Python loop over tokens, and the index lists are cached per (heads, kv_heads, r, device).
+Splitting the sequence dimension into (seq_local/r, r) is a view for any strides. The sparse
+heads of one offset are usually an arithmetic progression of dense heads (always for MHA and
+for the K/V of GQA), so a gather is one strided copy per offset and an accumulation one strided
+in-place add — bandwidth-bound kernels, no index tensors read per element. Other head plans use
+one advanced-indexing copy. Either way: no Python loop over tokens, and plans are cached per
+(heads, kv_heads, r, device). Nothing is copied when r = 1 and the heads stay in order.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ class Rows:
     r: int
     identity: bool         # r = 1 and heads = 0..H-1: the sparse tensor is the dense one
     unique: bool           # no (offset, head) pair repeats: writes need no accumulation
+    # (offset, sparse heads, dense heads) as slices, when every offset's heads are progressions
+    strided: tuple[tuple[int, slice, slice], ...] | None = None
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(1, (x.shape[1] // self.r, self.r))
@@ -37,12 +42,22 @@ class Rows:
         """(B, n, H, *rest) -> (B, n/r, U, *rest): the rows this side keeps (a view if identity)."""
         if self.identity:
             return x
-        return self._split(x)[:, :, self.offsets, self.heads]
+        xs = self._split(x)
+        if self.strided is None:
+            return xs[:, :, self.offsets, self.heads]
+        out = x.new_empty((x.shape[0], xs.shape[1], len(self.heads), *x.shape[3:]))
+        for o, us, hs in self.strided:
+            out[:, :, us] = xs[:, :, o, hs]
+        return out
 
     def put(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """dst[rows] = src (``take``'s inverse); pairs must be unique."""
         if self.identity:
             dst.copy_(src)
+        elif self.strided is not None:
+            ds = self._split(dst)
+            for o, us, hs in self.strided:
+                ds[:, :, o, hs] = src[:, :, us]
         else:
             self._split(dst)[:, :, self.offsets, self.heads] = src.to(dst.dtype)
 
@@ -50,6 +65,10 @@ class Rows:
         """dst[rows] += src; repeated (offset, head) pairs add up."""
         if self.identity:
             dst.add_(src)
+        elif self.strided is not None:
+            ds = self._split(dst)
+            for o, us, hs in self.strided:
+                ds[:, :, o, hs].add_(src[:, :, us])
         elif self.unique:
             self._split(dst)[:, :, self.offsets, self.heads] += src
         else:
@@ -90,6 +109,25 @@ def branch_heads(heads: int, kv_heads: int, r: int, device: str) -> BranchHeads:
     return BranchHeads(q, kv)
 
 
+def _progression(xs: list[int]) -> slice | None:
+    """``xs`` as a slice when it is an increasing arithmetic progression, else None."""
+    step = xs[1] - xs[0] if len(xs) > 1 else 1
+    if step < 1 or any(b - a != step for a, b in zip(xs, xs[1:])):
+        return None
+    return slice(xs[0], xs[-1] + 1, step)
+
+
+def _strided(heads: list[int], offsets: list[int]):
+    groups = []
+    for o in sorted(set(offsets)):
+        us = [u for u, off in enumerate(offsets) if off == o]
+        su, sh = _progression(us), _progression([heads[u] for u in us])
+        if su is None or sh is None:
+            return None
+        groups.append((o, su, sh))
+    return tuple(groups)
+
+
 def _rows(heads: list[int], offsets: list[int], r: int, dense_heads: int, device: str) -> Rows:
     dev = torch.device(device)
     return Rows(
@@ -98,4 +136,5 @@ def _rows(heads: list[int], offsets: list[int], r: int, dense_heads: int, device
         r=r,
         identity=r == 1 and heads == list(range(dense_heads)),
         unique=len(set(zip(heads, offsets))) == len(heads),
+        strided=_strided(heads, offsets),
     )
