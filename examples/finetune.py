@@ -48,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per row (all SP ranks)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per step per SP group")
     p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer "
+                   "step (default: the config's gradient_accumulation_steps)")
     p.add_argument("--lr", type=float, default=None, help="default: 3e-3 for the tiny model, "
                    "else the config's optimizer lr")
     p.add_argument("--warmup", type=int, default=30, help="linear LR warmup steps")
@@ -86,11 +88,14 @@ def build_model(args, vocab_size: int):
 def deepspeed_config(args) -> dict:
     ds = sp_ds.load_ds_config(args.deepspeed_config)
     ds["train_micro_batch_size_per_gpu"] = args.batch_size
-    ds["gradient_accumulation_steps"] = ds.get("gradient_accumulation_steps", 1)
+    ds["gradient_accumulation_steps"] = args.grad_accum or ds.get("gradient_accumulation_steps", 1)
     ds.pop("train_batch_size", None)  # DeepSpeed derives it: micro * accumulation * (world/sp)
     lr = args.lr if args.lr is not None else (None if args.model else 3e-3)
     if lr is not None and "optimizer" in ds:
         ds["optimizer"].setdefault("params", {})["lr"] = lr
+        sched = ds.get("scheduler", {}).get("params", {})
+        if "warmup_max_lr" in sched:  # WarmupLR/WarmupDecayLR would otherwise cap the lr
+            sched["warmup_max_lr"] = lr
     if not args.model and "optimizer" in ds:  # the tiny model learns the lookup ~2x faster so
         ds["optimizer"]["params"]["betas"] = [0.9, 0.95]
     return ds
@@ -228,6 +233,8 @@ def train(args) -> dict:
         rec = {"step": step + 1, "loss": loss.item() / g.dp_size, "seq_len": n,
                "lr": engine.get_lr()[0], "tokens_per_s": args.batch_size * n * g.dp_size / dt,
                "elapsed_s": time.perf_counter() - t_start}
+        if torch.cuda.is_available():
+            rec["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if rank == 0:
             metrics.write(json.dumps(rec) + "\n")
             bar.set_postfix(loss=f"{rec['loss']:.3f}", len=n, tok_s=f"{rec['tokens_per_s']:.0f}")
@@ -240,6 +247,10 @@ def train(args) -> dict:
             sp_ds.save_checkpoint(engine, os.path.join(args.out, "checkpoints"))
     bar.close()
     result = {"train_s": time.perf_counter() - t_start}
+    if torch.cuda.is_available():
+        result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if rank == 0:
+            print(f"peak GPU memory {result['peak_gib']:.2f} GiB per GPU (rank 0)", flush=True)
     if not args.data:
         result.update(evaluate(engine, args, collate, tokenizer))
         if rank == 0:

@@ -43,7 +43,9 @@ def main(argv=None):
     ap.add_argument("--kv-heads", type=int, default=32)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--kernel", default="auto")
-    ap.add_argument("--iters", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=3, help="timed runs of dilated (median)")
+    ap.add_argument("--dense-iters", type=int, default=1,
+                    help="timed runs of the dense reference (each ~30 s at 1M on 2 H200)")
     ap.add_argument("--dense-max-seq", type=int, default=1048576,
                     help="skip dense ring above this length (it may not fit)")
     ap.add_argument("--bucket-seq", type=int, default=8192,
@@ -79,7 +81,8 @@ def main(argv=None):
                 fn = lambda: dilated_attention(  # noqa: E731
                     q, k, v, group, causal=True, kernel=args.kernel,
                     segment_lengths=args.segment_lengths, dilation_rates=args.dilation_rates)
-            t = timeit(lambda: fn().backward(dout), dev, warmup=1, iters=args.iters)
+            iters = args.dense_iters if mode == "dense" else args.iters
+            t = timeit(lambda: fn().backward(dout), dev, warmup=1, iters=iters)
             times[mode] = t
             if args.profile and mode == "dilated":  # every rank steps; rank 0 prints
                 _profile(lambda: fn().backward(dout), rank == 0)

@@ -216,8 +216,8 @@ def run_point(impl: Impl, seq: int, a, *, steps: int) -> dict:
             times.append(time.perf_counter() - t0)
         step_s = statistics.median(times) if times else first
         row.update(step_s=step_s, tokens_per_s=seq / step_s, peak_gib=peak_gib(impl.dev),
-                   loss=losses[-1], losses=losses)
-        if not times:
+                   loss=losses[-1], losses=losses, timed_steps=len(times) or 1)
+        if not times and steps > 0:
             row["status"] = "warm-up only (budget)"
     except Exception as e:  # noqa: BLE001 - any failure is a table row, not a crashed run
         err = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
@@ -293,7 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impl", nargs="+", default=["seqpar", "alst"], choices=sorted(IMPLS))
     p.add_argument("--model", default="llama-1.1b", help="seqpar_ring.plan preset or config")
     p.add_argument("--seq", type=int, nargs="*", default=[65536, 262144, 1048576])
-    p.add_argument("--steps", type=int, default=3, help="timed steps per point (after warm-up)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per point after its "
+                   "warm-up step; 0: the point's first step is the measurement (use with "
+                   "--warmup-seq)")
+    p.add_argument("--warmup-seq", type=int, default=0, help="one unreported step at this "
+                   "length after each engine is built (0: none)")
     p.add_argument("--budget-s", type=float, default=300.0, help="time budget per point")
     p.add_argument("--find-max", action="store_true")
     p.add_argument("--find-start", type=int, default=131072)
@@ -332,6 +336,10 @@ def main(argv: list[str] | None = None) -> None:
             rows.append({"impl": name, "status": f"setup failed: {type(e).__name__}: {e}"[:160]})
             impl.teardown()
             continue
+        if a.warmup_seq:  # kernels, allocator and ZeRO-3's trace warm before the first point
+            warm = run_point(impl, a.warmup_seq, a, steps=0)
+            if warm["status"] != "ok":
+                rows.append(dict(warm, status=f"warm-up: {warm['status']}"))
         for seq in a.seq:
             rows.append(run_point(impl, seq, a, steps=a.steps))
             if rank == 0:
