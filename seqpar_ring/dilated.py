@@ -11,9 +11,10 @@ p = o + t·r of each head, t = 0, 1, … — cut into windows of w'/r rows. So e
    a rank's shard are one local kernel call with no communication; longer segments use a
    sub-ring of just the w'/n ranks that share the segment;
 3. returns its sparse (out, lse). The branches are merged once at the end: the merged lse from
-   the small lse tensors first, then each branch's rows are added into the output, weighted by
-   exp(lse_i - L) — the same log-sum-exp rule as ring blocks, without a dense accumulator per
-   branch.
+   the small lse tensors first, then out = sum_i exp(lse_i - L) out_i — the same log-sum-exp
+   rule as ring blocks. The r = 1 branch's output is kept as the dense result; the others are
+   summed in fp32 in the 1/c-size coordinates of their common rate c and added once
+   (``_MergePlan``), so no dense fp32 accumulator is ever built. Gradients combine the same way.
 
 Everything stays in the model's (batch, seq_local, heads, head_dim) layout, so a branch's
 segments are views (windows become batch entries) and the fused kernels read them in place.
@@ -41,7 +42,7 @@ from .checks import check_inputs
 from .kernels import select_kernel
 from .kernels.merge import accumulation_dtype
 from .ring import RingPass, ring_backward, ring_forward
-from .sparse import BranchHeads, branch_heads
+from .sparse import BranchHeads, branch_heads, nested_heads
 
 
 def validate_schedule(segment_lengths, dilation_rates, seq_len: int | None = None):
@@ -166,62 +167,88 @@ def _branch_forward(br: _Branch, q, k, v):
     return _bhsd(o), lse.transpose(1, 2)
 
 
-def _merge(parts, branches, q):
-    """Merge the branches' (out, lse) into dense out (B, n, H, D) in q's dtype and lse (B, n, H).
+@dataclass(frozen=True)
+class _MergePlan:
+    """How branch results combine into dense tensors with the least memory traffic.
 
-    Two passes: the merged lse first (small tensors), then each branch's rows are added once,
-    weighted by exp(lse_i - L) — no dense accumulator is rescaled per branch. Rows that no
-    branch reaches keep lse = -inf and out = 0.
+    The base is a branch with r = 1 (all rows, heads in order): its kernel output already is a
+    dense tensor, kept as the result. Every other branch's rows lie inside the rows of rate
+    c = gcd(their rates), so they are summed (fp32) in those 1/c-size sparse coordinates and
+    added to the base once, with one rounding. Without a base the sum starts from zero.
+    """
+
+    base: int | None
+    outer: BranchHeads | None               # rows of rate c (None: no other branch)
+    nested: tuple[BranchHeads | None, ...]  # each other branch's rows inside them
+
+    @staticmethod
+    def of(rates: list[int], heads: int, kv_heads: int, device) -> "_MergePlan":
+        base = rates.index(1) if 1 in rates else None
+        rest = [r for i, r in enumerate(rates) if i != base]
+        if not rest:
+            return _MergePlan(base, None, tuple(None for _ in rates))
+        c, dev = math.gcd(*rest), str(device)
+        nested = tuple(None if i == base else nested_heads(heads, kv_heads, c, r, dev)
+                       for i, r in enumerate(rates))
+        return _MergePlan(base, branch_heads(heads, kv_heads, c, dev), nested)
+
+    def sums(self, like: torch.Tensor, kv: bool, acc: torch.dtype) -> torch.Tensor:
+        rows = self.outer.kv if kv else self.outer.q
+        b, n, _, d = like.shape
+        return torch.zeros((b, n // rows.r, len(rows.heads), d), dtype=acc, device=like.device)
+
+
+def _merge(parts, branches, mp: _MergePlan, q):
+    """Merge the branches' (out, lse) into out (B, n, H, D) in q's dtype and lse (B, n, H).
+
+    The merged lse first (small tensors), then out = sum_i exp(lse_i - L) * out_i: the base's
+    rows outside the other branches are its own output unchanged (weight exactly 1 there).
+    Rows that no branch reaches keep lse = -inf and out = 0.
     """
     acc = accumulation_dtype(q.dtype)
-    b, n, h, d = q.shape
-    lse = torch.full((b, n, h), float("-inf"), dtype=acc, device=q.device)
+    lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
     for (_, l_), br in zip(parts, branches):
         rows = br.heads.q
         rows.put(lse, torch.logaddexp(rows.take(lse), l_.to(acc)))
     safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    out = None
-    for (o, l_), br in zip(parts, branches):
-        rows = br.heads.q
-        weighted = o * torch.exp(l_.to(acc) - rows.take(safe)).unsqueeze(-1)
-        if out is None and rows.identity:
-            out = weighted.to(acc)
-            continue
-        if out is None:
-            out = torch.zeros((b, n, h, d), dtype=acc, device=q.device)
-        rows.add_to(out, weighted)
-    return out.to(q.dtype), lse
-
-
-def _accumulate(total, part, rows, like, acc):
-    """total (dense, fp32/fp64, created on first use) += part (sparse rows)."""
-    if total is None and rows.identity:
-        return part.to(acc, memory_format=torch.contiguous_format)
-    if total is None:
-        total = torch.zeros(like.shape, dtype=acc, device=like.device)
-    rows.add_to(total, part)
-    return total
+    out = None if mp.base is None else parts[mp.base][0].to(q.dtype)
+    if mp.outer is None:
+        return out, lse
+    rows_c = mp.outer.q
+    if mp.base is not None:  # the base's share of the rows the other branches also reach
+        o_b, l_b = parts[mp.base]
+        sums = rows_c.take(o_b, torch.exp(rows_c.take(l_b.to(acc) - safe))).to(acc)
+    else:
+        sums = mp.sums(q, False, acc)
+    for i, ((o, l_), br) in enumerate(zip(parts, branches)):
+        if i != mp.base:
+            weight = torch.exp(l_.to(acc) - br.heads.q.take(safe))
+            mp.nested[i].q.add_to(sums, o, weight)
+    if out is None:
+        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    rows_c.put(out, sums)
+    return out, lse
 
 
 class DilatedAttentionFunction(torch.autograd.Function):
     """q (B, n, H, D), k/v (B, n, Hkv, D) -> out (B, n, H, D), all branches merged."""
 
     @staticmethod
-    def forward(ctx, q, k, v, branches):
+    def forward(ctx, q, k, v, branches, mp):
         parts = [_branch_forward(br, q, k, v) for br in branches]
-        out, lse = _merge(parts, branches, q)
+        out, lse = _merge(parts, branches, mp, q)
         del parts
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.branches = branches
+        ctx.branches, ctx.mp = branches, mp
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         dout = dout.contiguous()  # the fused kernels want dout laid out like out
-        acc = accumulation_dtype(q.dtype)
-        dq = dk = dv = None
-        for br in ctx.branches:
+        mp, acc = ctx.mp, accumulation_dtype(q.dtype)
+        base, sums = None, None  # base: the r = 1 branch's grads; sums: the others', fp32
+        for i, br in enumerate(ctx.branches):
             hq, hkv = br.heads.q, br.heads.kv
             # each branch's backward takes the MERGED out and lse: one softmax over all branches
             rows = [_bhsd(hq.take(dout)), _bhsd(hq.take(q)), _bhsd(hkv.take(k)),
@@ -232,11 +259,25 @@ class DilatedAttentionFunction(torch.autograd.Function):
             del rows
             if br.zigzag is not None:
                 grads = br.zigzag.from_zigzag(list(grads))
-            dqs, dks, dvs = (_bhsd(g) for g in grads)
-            dq = _accumulate(dq, dqs, hq, q, acc)
-            dk = _accumulate(dk, dks, hkv, k, acc)
-            dv = _accumulate(dv, dvs, hkv, v, acc)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+            grads = [_bhsd(g) for g in grads]
+            if i == mp.base:
+                base = grads
+                continue
+            nest = mp.nested[i]
+            sums = sums or [None, None, None]
+            for j, (g, rows_in, x) in enumerate(zip(grads, (nest.q, nest.kv, nest.kv), (q, k, v))):
+                if sums[j] is None and rows_in.identity:  # fp32 sums in rate-c coordinates
+                    sums[j] = g.to(acc, copy=True)
+                    continue
+                if sums[j] is None:
+                    sums[j] = mp.sums(x, j > 0, acc)
+                rows_in.add_to(sums[j], g)
+        if base is None:
+            base = [torch.zeros(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v)]
+        if mp.outer is not None:  # one rounding: base (its dtype) += fp32 sums
+            for g, total, rows_c in zip(base, sums, (mp.outer.q, mp.outer.kv, mp.outer.kv)):
+                rows_c.add_to(g, total)
+        return (*(g.to(x.dtype) for g, x in zip(base, (q, k, v))), None, None)
 
 
 def dilated_attention(
@@ -283,4 +324,5 @@ def dilated_attention(
                          kernel=kern,
                          scale=scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]),
                          bucket_size=bucket_size, timeout_s=timeout_s)
-    return DilatedAttentionFunction.apply(q, k, v, branches)
+    mp = _MergePlan.of(list(rs), q.shape[2], k.shape[2], q.device)
+    return DilatedAttentionFunction.apply(q, k, v, branches, mp)

@@ -38,16 +38,24 @@ class Rows:
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(1, (x.shape[1] // self.r, self.r))
 
-    def take(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, n, H, *rest) -> (B, n/r, U, *rest): the rows this side keeps (a view if identity)."""
+    def take(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, n, H, *rest) -> (B, n/r, U, *rest): the rows this side keeps (a view if identity
+        and no weight). ``weight`` (B, n/r, U) multiplies each row, in the promoted dtype."""
+        if weight is not None:
+            weight = weight.unsqueeze(-1)
         if self.identity:
-            return x
+            return x if weight is None else x * weight
         xs = self._split(x)
         if self.strided is None:
-            return xs[:, :, self.offsets, self.heads]
-        out = x.new_empty((x.shape[0], xs.shape[1], len(self.heads), *x.shape[3:]))
+            rows = xs[:, :, self.offsets, self.heads]
+            return rows if weight is None else rows * weight
+        dtype = x.dtype if weight is None else torch.promote_types(x.dtype, weight.dtype)
+        out = x.new_empty((x.shape[0], xs.shape[1], len(self.heads), *x.shape[3:]), dtype=dtype)
         for o, us, hs in self.strided:
-            out[:, :, us] = xs[:, :, o, hs]
+            if weight is None:
+                out[:, :, us] = xs[:, :, o, hs]
+            else:
+                torch.mul(xs[:, :, o, hs], weight[:, :, us], out=out[:, :, us])
         return out
 
     def put(self, dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -61,15 +69,22 @@ class Rows:
         else:
             self._split(dst)[:, :, self.offsets, self.heads] = src.to(dst.dtype)
 
-    def add_to(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        """dst[rows] += src; repeated (offset, head) pairs add up."""
-        if self.identity:
-            dst.add_(src)
-        elif self.strided is not None:
-            ds = self._split(dst)
-            for o, us, hs in self.strided:
-                ds[:, :, o, hs].add_(src[:, :, us])
-        elif self.unique:
+    def add_to(self, dst: torch.Tensor, src: torch.Tensor,
+               weight: torch.Tensor | None = None) -> None:
+        """dst[rows] += src (times ``weight`` (B, n/r, U), per row, when given), in dst's dtype
+        with one rounding; repeated (offset, head) pairs add up."""
+        if self.identity or self.strided is not None:
+            parts = ([(dst, slice(None))] if self.identity else
+                     [(self._split(dst)[:, :, o, hs], us) for o, us, hs in self.strided])
+            for d, us in parts:
+                if weight is None:
+                    d.add_(src[:, :, us])
+                else:
+                    d.addcmul_(src[:, :, us], weight[:, :, us].unsqueeze(-1))
+            return
+        if weight is not None:
+            src = src * weight.unsqueeze(-1)
+        if self.unique:
             self._split(dst)[:, :, self.offsets, self.heads] += src
         else:
             b, m = src.shape[:2]
@@ -91,6 +106,33 @@ class BranchHeads:
 
     q: Rows
     kv: Rows
+
+
+@lru_cache(maxsize=64)
+def nested_heads(heads: int, kv_heads: int, outer_r: int, inner_r: int,
+                 device: str) -> BranchHeads:
+    """The rows of branch ``inner_r`` in the sparse coordinates of branch ``outer_r``.
+
+    With outer_r dividing inner_r, every row the inner branch keeps is kept by the outer one
+    (same head, offset ≡ mod outer_r): row o + t·r of the dense sequence is sparse row
+    o // c + t·(r/c) of the outer branch (c = outer_r). Accumulating several branches in the
+    coordinates of their common divisor touches 1/c of the dense tensor.
+    """
+    if inner_r % outer_r:
+        raise ValueError(f"rate {outer_r} does not divide rate {inner_r}")
+    outer = branch_heads(heads, kv_heads, outer_r, device)
+    inner = branch_heads(heads, kv_heads, inner_r, device)
+    return BranchHeads(_compose(outer.q, inner.q, device), _compose(outer.kv, inner.kv, device))
+
+
+def _compose(outer: Rows, inner: Rows, device: str) -> Rows:
+    first: dict[tuple[int, int], int] = {}  # (dense head, offset) -> first outer sparse head
+    for u, key in enumerate(zip(outer.heads.tolist(), outer.offsets.tolist())):
+        first.setdefault(key, u)
+    c = outer.r
+    pairs = list(zip(inner.heads.tolist(), inner.offsets.tolist()))
+    return _rows([first[(h, o % c)] for h, o in pairs], [o // c for _, o in pairs],
+                 inner.r // c, len(outer.heads), device)
 
 
 @lru_cache(maxsize=64)

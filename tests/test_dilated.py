@@ -48,11 +48,13 @@ SCHEDULES = [
     ("w96r2 (w > S)", 48, (96,), (2,)),
     ("w24r3 (r does not divide H)", 48, (24,), (3,)),
     ("multi-branch", 48, (8, 16, 48), (1, 2, 4)),
+    ("multi-branch, rates 1/2/3 (gcd 1)", 48, (8, 24, 48), (1, 2, 3)),
     ("S64 w8r2 (w < S/p)", 64, (8,), (2,)),
     ("S64 w16r2 (w = S/4)", 64, (16,), (2,)),
     ("S64 w32r4 (w = S/2)", 64, (32,), (4,)),
     ("S64 w128r4 (w > S)", 64, (128,), (4,)),
     ("S64 multi-branch", 64, (8, 32, 64), (1, 2, 4)),
+    ("S64 no r=1 branch", 64, (16, 64), (2, 4)),
 ]
 BUCKET_SCHEDULES = ("w8r2 (w < S/p)", "multi-branch", "S64 multi-branch")
 BUCKETS = (16, 64)
