@@ -282,10 +282,11 @@ def _worker(rank: int, world: int, port: int, args) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:  # torchrun / deepspeed
-        if not torch.cuda.is_available() and not dist.is_initialized():
-            dist.init_process_group("gloo", timeout=timedelta(minutes=5))
-        elif torch.cuda.is_available():
+        cuda = torch.cuda.is_available()
+        if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=5))
         train(args)
         return
     import torch.multiprocessing as mp

@@ -55,3 +55,31 @@ def test_query_heads_read_their_kv_pair(heads, r):
         assert qo == qh % r
         assert (plan.kv.heads[j].item(), plan.kv.offsets[j].item()) == (qh // (h // hkv), qo)
     assert sorted(plan.q.heads.tolist()) == list(range(h))
+
+
+@pytest.mark.parametrize("heads,r", [p for p in PLANS if p[1] in (2, 4, 8)], ids=str)
+def test_nested_rows_select_the_same_rows(heads, r):
+    """Branch r's rows, read in the coordinates of rate 2, are exactly branch r's rows."""
+    from seqpar_ring.sparse import nested_heads
+
+    h, hkv = heads
+    outer, inner = branch_heads(h, hkv, 2, "cpu"), branch_heads(h, hkv, r, "cpu")
+    nest = nested_heads(h, hkv, 2, r, "cpu")
+    for side, dense in (("q", h), ("kv", hkv)):
+        x = torch.randn(2, 48, dense, 8).to(torch.bfloat16)  # bf16, D=8: the 8-byte copy path
+        rows_o, rows_i, rows_n = (getattr(p, side) for p in (outer, inner, nest))
+        assert torch.equal(rows_n.take(rows_o.take(x)), rows_i.take(x))
+        assert torch.equal(rows_i.take(x), _reference_take(x, rows_i))
+
+
+def test_weighted_take_and_add():
+    plan = branch_heads(8, 8, 4, "cpu")
+    x = torch.randn(1, 32, 8, 3, dtype=torch.float64)
+    w = torch.rand(1, 8, 8, dtype=torch.float64)
+    want = _reference_take(x, plan.q) * w.unsqueeze(-1)
+    assert torch.equal(plan.q.take(x, w), want)
+    got = torch.zeros_like(x)
+    plan.q.add_to(got, _reference_take(x, plan.q), w)
+    back = torch.zeros_like(x)
+    plan.q.put(back, want)
+    assert torch.equal(got, back)
