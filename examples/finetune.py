@@ -163,7 +163,8 @@ def evaluate(engine, args, collate: SPDataCollator, tokenizer=None) -> dict:
     g = engine.seqpar_groups
     ds = passkey_data(args, tokenizer, len(DEPTHS) * args.eval_per_depth, args.seq_len,
                       seed=10**6 + args.seed, depths=DEPTHS)
-    stats = torch.zeros(len(DEPTHS), 4, dtype=torch.float64)  # rows, keys, tokens right, tokens
+    # rows, keys right, tokens right, tokens per depth; on the engine's device (NCCL needs it)
+    stats = torch.zeros(len(DEPTHS), 4, dtype=torch.float64, device=engine.device)
     engine.eval()
     for start in range(g.dp_rank * args.batch_size, len(ds), g.dp_size * args.batch_size):
         idx = list(range(start, min(start + args.batch_size, len(ds))))
@@ -176,7 +177,7 @@ def evaluate(engine, args, collate: SPDataCollator, tokenizer=None) -> dict:
         dist.all_reduce(counts, group=g.sp_group)  # digits of one key may sit on other ranks
         for i, (wrong, total) in zip(idx, counts.tolist()):
             stats[DEPTHS.index(ds.depth_of(i))] += torch.tensor(
-                [1.0, wrong == 0, total - wrong, total])
+                [1.0, wrong == 0, total - wrong, total], dtype=stats.dtype, device=stats.device)
     dist.all_reduce(stats, group=g.dp_group)
     engine.train()
     by_depth = {f"{d:g}": stats[j, 1].item() / stats[j, 0].item() for j, d in enumerate(DEPTHS)}
@@ -229,8 +230,9 @@ def train(args) -> dict:
         # ----
         loss = loss.detach().float()
         dist.all_reduce(loss, group=g.dp_group)  # SP ranks agree already; mean over replicas
+        loss = loss.item() / g.dp_size  # waits for the step: dt below is its real time
         dt = time.perf_counter() - t0
-        rec = {"step": step + 1, "loss": loss.item() / g.dp_size, "seq_len": n,
+        rec = {"step": step + 1, "loss": loss, "seq_len": n,
                "lr": engine.get_lr()[0], "tokens_per_s": args.batch_size * n * g.dp_size / dt,
                "elapsed_s": time.perf_counter() - t_start}
         if torch.cuda.is_available():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from dataclasses import dataclass, field, replace
 
@@ -89,6 +90,8 @@ class PlanOptions:
     loss_tile: int | None = None     # None = seqpar_ring.tiled.default_tile_size(vocab)
     micro_batch: int = 1
     layout: str = "zigzag"
+    attention: str = "ring"          # "ring" or "dilated" (then dilation_rates matter)
+    dilation_rates: tuple[int, ...] = ()
     gqa_expand: bool = True          # fused GPU kernels expand K/V to all heads in backward
     offload_optimizer: bool = False
     reduce_bucket: float = 5e8       # DeepSpeed defaults (elements)
@@ -141,6 +144,30 @@ def _attention_backward(m: ModelSpec, b: int, o: PlanOptions) -> float:
     return acc + dkv + ring + blk * (0.5 if o.layout == "zigzag" else 1.0)
 
 
+def _dilated_backward(m: ModelSpec, b: int, o: PlanOptions) -> float:
+    """Bytes per token of DilatedAttentionFunction.backward (seqpar_ring/dilated.py).
+
+    Two moments compete. (1) The r = 1 branch's backward: its kernel gradients (expanded to all
+    query heads for GQA, then folded in fp32), the kernel's fp32 dq workspace and the expanded
+    K/V. (2) A branch of rate r later: the base gradients held, the fp32 sums over 1/c of the
+    rows (c = gcd of the other rates), that branch's gathered rows (dout, q, out, k, v) and
+    its own kernel gradients and workspace, all 1/r of a dense tensor.
+    """
+    d, hq, hkv = m.d, m.heads, m.kv_heads
+    expand = o.gqa_expand and hq != hkv
+    rates = o.dilation_rates or (1,)
+    rest = [r for r in rates if r != 1]
+    grads = hq * d * b + 2 * (hq * d * b + hkv * d * 4 if expand else hkv * d * b)
+    kernel = hq * d * 4 + (2 * hq * d * b if expand else 0)  # fp32 dq workspace, expanded K/V
+    peak = grads + kernel if 1 in rates else 0.0
+    if rest:
+        held = hq * d * b + 2 * hkv * d * (4 if expand else b) if 1 in rates else 0.0
+        sums = (hq + 2 * hkv) * d * 4 / math.gcd(*rest)
+        rows = (3 * hq + 2 * hkv) * d * b
+        peak = max(peak, held + sums + (rows + grads + kernel) / min(rest))
+    return peak
+
+
 def estimate(m: ModelSpec, seq_len: int, o: PlanOptions) -> Plan:
     """Per-GPU memory of one step at ``seq_len`` total tokens per sample.
 
@@ -183,7 +210,8 @@ def estimate(m: ModelSpec, seq_len: int, o: PlanOptions) -> Plan:
                 "cos/sin shared by layers; final RMSNorm input/output")
     layer = t * _layer_saved(m, b) if o.checkpointing else 0.0
     grads_flow = t * (3 * m.hidden * b + 2 * m.intermediate * b)
-    attn = t * _attention_backward(m, b, o)
+    dilated = o.attention == "dilated"
+    attn = t * (_dilated_backward(m, b, o) if dilated else _attention_backward(m, b, o))
     layer_phase = layer + grads_flow + attn
     if o.tiled_loss:
         tile = min(t, o.loss_tile or default_tile_size(m.vocab))
@@ -196,7 +224,9 @@ def estimate(m: ModelSpec, seq_len: int, o: PlanOptions) -> Plan:
     if layer_phase >= loss_phase:
         add("layer recompute", layer, "one layer's activations rebuilt during its backward")
         add("backward grads", grads_flow, "gradients flowing through the layer (h and MLP)")
-        add("ring attention", attn, "ring_backward: fp32 dq/dK/dV, K/V buffers, block grads")
+        add("ring attention", attn,
+            "dilated backward: base grads, fp32 sums over 1/c rows, one branch's rows" if dilated
+            else "ring_backward: fp32 dq/dK/dV, K/V buffers, block grads")
         add("logits/loss", 0.0, loss_why + " (not live at the layer peak)")
         active, pl.phase = layer_phase, "layer backward"
     else:

@@ -95,3 +95,20 @@ def test_config_json_and_errors(tmp_path, capsys):
     P.main(["--model", str(path), "--seq-len", "4096", "--gpus", "2", "--gpu-mem-gib", "1"])
     out = capsys.readouterr().out
     assert "ring attention" in out and "longest sequence" in out
+
+
+def test_dilated_attention_term_tiny_by_hand():
+    m = P.PRESETS["tiny"]  # 4 heads, 2 kv heads, d 16: GQA, K/V expanded in backward
+    o = P.PlanOptions(gpus=2, layout="contiguous", attention="dilated", dilation_rates=(1, 2, 4))
+    grads = 4 * 16 * 2 + 2 * (4 * 16 * 2 + 2 * 16 * 4)          # 128 + 2 * (128 + 128) = 640
+    kernel = 4 * 16 * 4 + 2 * 4 * 16 * 2                        # 256 + 256 = 512
+    held = 4 * 16 * 2 + 2 * 2 * 16 * 4                          # 128 + 256 = 384
+    sums = (4 + 2 * 2) * 16 * 4 / 2                             # 256: rows of rate gcd(2, 4)
+    rows = (3 * 4 + 2 * 2) * 16 * 2                             # 512
+    want = max(grads + kernel, held + sums + (rows + grads + kernel) / 2)
+    assert P._dilated_backward(m, 2, o) == want
+    pl = P.estimate(m, 2048, o)
+    assert pl.gib("ring attention") * GIB == pytest.approx(1024 * want)
+    no_base = P.PlanOptions(gpus=2, attention="dilated", dilation_rates=(4,))
+    assert P._dilated_backward(m, 2, no_base) == (4 + 2 * 2) * 16 * 4 / 4 + (
+        rows + grads + kernel) / 4

@@ -191,8 +191,11 @@ def _agree_failed(failed: bool, dev) -> bool:
 def run_point(impl: Impl, seq: int, a, *, steps: int) -> dict:
     """Warm-up step + up to ``steps`` timed steps within ``a.budget_s``; errors become rows."""
     row = {"impl": a.impl_name, "seq_len": seq, "status": "ok"}
+    dilated = a.impl_name == "seqpar" and a.attention == "dilated"
     o = planner.PlanOptions(gpus=impl.world, zero=a.zero, dtype=a.dtype, loss_tile=a.loss_tile,
                             layout=getattr(impl, "layout", "zigzag"), reserve_gib=0.0,
+                            attention="dilated" if dilated else "ring",
+                            dilation_rates=tuple(a.rates) if dilated else (),
                             reduce_bucket=a.bucket, prefetch_bucket=a.bucket)
     row["plan_gib"] = planner.estimate(impl.spec, seq, o).peak_gib if seq % impl.world == 0 \
         else None
