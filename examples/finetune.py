@@ -211,7 +211,9 @@ def train(args) -> dict:
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump({**vars(args), "groups": str(g), "seqpar": cfg.to_dict()}, f, indent=1)
         print(f"{g.describe() if hasattr(g, 'describe') else g}: {cfg}\nmodel "
-              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, rows of "
+              # ZeRO-3 leaves empty placeholders; ds_numel is the real size
+              f"{sum(getattr(p, 'ds_numel', p.numel()) for p in model.parameters()) / 1e6:.2f}"
+              "M params, rows of "
               f"{args.seq_len} tokens = {args.seq_len // cfg.sp_size} per rank", flush=True)
     metrics = open(os.path.join(args.out, "metrics.jsonl"), "w") if rank == 0 else None
     batches = (data_batches(args, engine, tokenizer) if args.data

@@ -1,10 +1,12 @@
 """Memory planner: per-GPU bytes of one training step, term by term, and the longest sequence.
 
-A model of OUR code path (HF Llama-architecture decoder, ring attention, DeepSpeed ZeRO, HF
-gradient checkpointing per decoder layer, ``seqpar_ring.tiled`` loss), not a general formula.
-Every term is linear in the tokens a GPU holds, ``T = micro_batch * seq_len / sp``: nothing
-is quadratic in the sequence, which is the point of the ring. Each component carries the
-reason it exists; the peak is the larger of the training-step phases (see ``estimate``).
+A model of OUR code path (HF Llama-architecture decoder, ring or dilated attention, DeepSpeed
+ZeRO, HF gradient checkpointing per decoder layer, ``seqpar_ring.tiled`` loss), not a general
+formula. Every term is linear in the tokens a GPU holds, ``T = micro_batch * seq_len / sp``:
+nothing is quadratic in the sequence, which is the point of the ring. Each component carries
+the reason it exists; the peak is the largest of the training-step phases (see ``estimate``):
+MLP backward, attention backward, loss, optimizer step. Checked against measured peaks on
+2 x H200 (README, "Measured").
 
     python -m seqpar_ring.plan --model llama-1.1b --seq-len 1048576 --gpus 2 --gpu-mem-gib 141
 
@@ -120,16 +122,27 @@ class Plan:
         return self.peak_bytes / GIB
 
 
+def _attn_saved(m: ModelSpec, b: int) -> float:
+    """Bytes per token the attention half of a decoder layer saves for backward (HF Llama code).
+
+    RoPE multiplies q and k by cos/sin, which are shared by all layers: autograd keeps cos/sin,
+    not per-token copies, so RoPE adds nothing here.
+    """
+    norm = m.hidden * (4 + b) + 4                 # RMSNorm: fp32 input, rstd, cast output
+    qkv = (m.heads + 2 * m.kv_heads) * m.d * b    # rotated q, k and v, saved by the attention
+    attn = m.heads * m.d * b + m.heads * 4        # attention out (dtype) and lse (fp32)
+    o_in = m.hidden * b                           # (B,S,H,D)->(B,S,h) contiguous o_proj input
+    return norm + qkv + attn + o_in
+
+
+def _mlp_saved(m: ModelSpec, b: int) -> float:
+    """Bytes per token the MLP half saves: its RMSNorm and gate, up, silu(gate), silu*up."""
+    return m.hidden * (4 + b) + 4 + 4 * m.intermediate * b
+
+
 def _layer_saved(m: ModelSpec, b: int) -> float:
     """Bytes per token one decoder layer saves for backward (HF Llama code, autograd)."""
-    d = m.d
-    norms = 2 * (m.hidden * (4 + b) + 4)        # RMSNorm: fp32 input, rstd, cast output
-    qkv = (m.heads + 2 * m.kv_heads) * d * b    # projection outputs
-    rope = 2 * (m.heads + m.kv_heads) * d * b   # rotate_half copies + rotated q, k
-    attn = m.heads * d * b + m.heads * 4        # ring saves out (dtype) and lse (fp32)
-    o_in = m.hidden * b                         # (B,S,H,D)->(B,S,h) contiguous o_proj input
-    mlp = 4 * m.intermediate * b                # gate, up, silu(gate), silu*up
-    return norms + qkv + rope + attn + o_in + mlp
+    return _attn_saved(m, b) + _mlp_saved(m, b)
 
 
 def _attention_backward(m: ModelSpec, b: int, o: PlanOptions) -> float:
@@ -208,11 +221,21 @@ def estimate(m: ModelSpec, seq_len: int, o: PlanOptions) -> Plan:
                else "every layer's saved activations (no checkpointing)")
     ckpt += add("rope + final norm", t * (2 * m.d * b + m.hidden * (2 * b + 4)),
                 "cos/sin shared by layers; final RMSNorm input/output")
+    # A layer's backward runs the MLP first: its saved tensors are freed before the attention's
+    # backward allocates its working set, so the two moments are separate peaks, not a sum.
     layer = t * _layer_saved(m, b) if o.checkpointing else 0.0
-    grads_flow = t * (3 * m.hidden * b + 2 * m.intermediate * b)
+    mlp_grads = t * (3 * m.hidden * b + 2 * m.intermediate * b)
+    attn_layer = t * _attn_saved(m, b) if o.checkpointing else 0.0
+    attn_grads = t * 3 * m.hidden * b
     dilated = o.attention == "dilated"
     attn = t * (_dilated_backward(m, b, o) if dilated else _attention_backward(m, b, o))
-    layer_phase = layer + grads_flow + attn
+    mlp_phase = layer + mlp_grads
+    # without checkpointing every layer's activations are in `ckpt`; the MLP's are freed by now
+    attn_held = attn_layer if o.checkpointing else -t * _mlp_saved(m, b)
+    attn_phase = attn_held + attn_grads + attn
+    layer_phase = max(mlp_phase, attn_phase)
+    attn_why = ("dilated backward: base grads, fp32 sums over 1/c rows, one branch's rows"
+                if dilated else "ring_backward: fp32 dq/dK/dV, K/V buffers, block grads")
     if o.tiled_loss:
         tile = min(t, o.loss_tile or default_tile_size(m.vocab))
         loss_phase = (tile * m.vocab * (2 * b + 8) + t * 4 + t * m.hidden * b
@@ -222,13 +245,21 @@ def estimate(m: ModelSpec, seq_len: int, o: PlanOptions) -> Plan:
         loss_phase = t * m.vocab * (b + 12) + t * m.hidden * b
         loss_why = "full logits (dtype) + fp32 upcast, log-softmax and its gradient"
     if layer_phase >= loss_phase:
-        add("layer recompute", layer, "one layer's activations rebuilt during its backward")
-        add("backward grads", grads_flow, "gradients flowing through the layer (h and MLP)")
-        add("ring attention", attn,
-            "dilated backward: base grads, fp32 sums over 1/c rows, one branch's rows" if dilated
-            else "ring_backward: fp32 dq/dK/dV, K/V buffers, block grads")
+        if mlp_phase >= attn_phase:
+            add("layer recompute", layer, "one layer's activations rebuilt during its backward")
+            add("backward grads", mlp_grads, "gradients flowing through the MLP's backward")
+            add("attention", 0.0, attn_why + f" ({attn / GIB:.2f} GiB, after the MLP's "
+                "activations are freed: not live at this peak)")
+            pl.phase = "MLP backward"
+        else:
+            add("layer recompute" if o.checkpointing else "freed MLP activations", attn_held,
+                "the attention half's activations (the MLP's are freed by now)"
+                if o.checkpointing else "the last layer's MLP activations, freed by now")
+            add("backward grads", attn_grads, "gradients flowing through the attention")
+            add("attention", attn, attn_why)
+            pl.phase = "attention backward"
         add("logits/loss", 0.0, loss_why + " (not live at the layer peak)")
-        active, pl.phase = layer_phase, "layer backward"
+        active = layer_phase
     else:
         add("logits/loss", loss_phase, loss_why)
         active, pl.phase = loss_phase, "loss"
