@@ -109,6 +109,21 @@ def test_finetune_end_to_end_and_plot(tmp_path):
         assert str(png) in plot.stdout and png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_trainer_with_deepspeed_config_trains(tmp_path):
+    """finetune_trainer.py through transformers.Trainer + DeepSpeed (the JSON's SP section)."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("accelerate")
+    out = tmp_path / "trainer"
+    proc = _run([os.path.join("examples", "finetune_trainer.py"), "--deepspeed_config",
+                 os.path.join("configs", "cpu_gloo.json"), "--steps", "30", "--out", str(out),
+                 "--eval-per-depth", "2"], 240)
+    assert "passkey_accuracy" in proc.stdout
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in recs if "loss" in r]
+    assert len(losses) >= 3 and losses[-1] < losses[0] - 0.5, losses
+    assert any("eval" in r for r in recs)
+
+
 def test_plot_names_a_missing_run(tmp_path):
     from seqpar_ring.plot import main
 
