@@ -5,7 +5,7 @@ p ≡ h (mod r) inside one segment of w' = min(w, S) tokens. Because every segme
 multiple of r, a branch is plain (causal) attention on a *sparsified* sequence — the rows
 p = o + t·r of each head, t = 0, 1, … — cut into windows of w'/r rows. So each branch:
 
-1. gathers its rows locally (``sparse.py``: one indexed copy per tensor, none for r = 1) —
+1. gathers its rows locally (``sparse.py``: strided copies per offset, none for r = 1) —
    K/V shrink by r before they travel;
 2. runs one ring pass (``ring.ring_forward``) in those sparse coordinates: segments that fit in
    a rank's shard are one local kernel call with no communication; longer segments use a
