@@ -50,7 +50,7 @@ _FLAGS: dict[str, tuple[str, type, str]] = {
     "--segment-lengths": ("segment_lengths", int, "dilated: segment lengths, e.g. 2048 4096"),
     "--dilation-rates": ("dilation_rates", int, "dilated: one rate per segment, e.g. 1 2"),
     "--sequence-parallel-bucket-size": ("bucket_size", int, "torch kernel tile in tokens"),
-    "--sequence-parallel-kernel": ("kernel", str, "auto | torch | cudnn | flash | flex"),
+    "--sequence-parallel-kernel": ("kernel", str, "auto | torch | cudnn | flash"),
 }
 _LIST_FIELDS = ("segment_lengths", "dilation_rates")
 

@@ -198,12 +198,6 @@ def seqpar_ring_attention(
         doc_ids = _derive_doc_ids(state, kwargs.get("position_ids"), attention_mask,
                                   query.shape[0])
     if doc_ids is not None:
-        if state.config.attention == "dilated":
-            raise ValueError(
-                "dilated attention cannot mask padding or packed documents: give it unpadded, "
-                "unpacked rows whose length is a multiple of "
-                f"{state.config.seq_len_divisor}, or use attention='ring'"
-            )
         doc_ids = doc_ids.to(device=query.device, dtype=torch.long)
     out = sp_attention(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), state.config,

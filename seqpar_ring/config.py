@@ -17,7 +17,7 @@ __all__ = ["SeqParConfig", "ATTENTIONS", "LAYOUTS", "COMMS", "KERNELS"]
 ATTENTIONS = ("ring", "dilated")
 LAYOUTS = ("contiguous", "zigzag")
 COMMS = ("ring", "allgather")
-KERNELS = ("auto", "torch", "cudnn", "flash", "flex")
+KERNELS = ("auto", "torch", "cudnn", "flash")
 
 _SECTION = "sequence_parallel"  # prefix of every error message: the key as a user writes it
 
@@ -55,7 +55,8 @@ class SeqParConfig:
         comm: ``"ring"`` (K/V blocks pass around the ring) or ``"allgather"`` (K/V gathered once).
         segment_lengths, dilation_rates: dilated only (required there); w_i % r_i == 0.
         bucket_size: tile of the pure-torch kernel in tokens; None = whole block.
-        kernel: local block kernel: ``"auto"``, ``"torch"``, ``"cudnn"``, ``"flash"``, ``"flex"``.
+        kernel: local block kernel: ``"auto"``, ``"torch"``, ``"cudnn"``, ``"flash"`` (packed
+            documents run on the fused kernels too: see `seqpar_ring.documents`).
         comm_timeout_s: how long a ring exchange may wait before raising instead of hanging.
     """
 

@@ -39,6 +39,7 @@ import torch
 
 from . import comm as C
 from .checks import check_inputs
+from .documents import single_document
 from .kernels import select_kernel
 from .kernels.merge import accumulation_dtype
 from .ring import RingPass, ring_backward, ring_forward
@@ -293,6 +294,7 @@ def dilated_attention(
     scale: float | None = None,
     bucket_size: int | None = None,
     kernel: str = "auto",
+    doc_ids: torch.Tensor | None = None,
     timeout_s: float = C.DEFAULT_TIMEOUT_S,
 ) -> torch.Tensor:
     """LongNet dilated attention (SPEC-dilated.md) of the sequence sharded across ``group``.
@@ -301,6 +303,10 @@ def dilated_attention(
     laid out contiguously (rank r holds [r·n, (r+1)·n)). Returns (batch, seq_local, heads,
     head_dim): exactly the rows of the spec's function at this rank's positions.
     ``segment_lengths=[S], dilation_rates=[1]`` is dense attention.
+
+    ``doc_ids`` (batch, seq_local), as for `ring_attention`: only right-padded rows under
+    ``causal`` are accepted (the padding lies in every real token's future, so the function on
+    real tokens is unchanged and padding carries no loss); packed documents raise.
     """
     if layout != "contiguous":
         raise ValueError(f"dilated attention supports layout='contiguous' only (got {layout!r}): "
@@ -317,9 +323,15 @@ def dilated_attention(
                              f"sequence to a multiple of sp_size * {r} = {p * r}")
         aligned &= (wp <= n and n % wp == 0) or (wp > n and wp % n == 0)
     check_inputs(q, k, v, group, what="dilated_attention",
-                 extra=dict(causal=int(causal), branches=len(ws), w0=ws[0], r0=rs[0]))
+                 extra=dict(causal=int(causal), branches=len(ws), w0=ws[0], r0=rs[0],
+                            docs=int(doc_ids is not None)))
+    if doc_ids is not None and not single_document(doc_ids, group, layout, causal):
+        raise ValueError(
+            "dilated attention takes right-padded rows under causal attention only; packed "
+            "documents, left/middle padding or non-causal padding need attention='ring'"
+        )
     # Segments that straddle shards are masked per row, which only the torch kernel can do.
-    kern = select_kernel(kernel, q, doc_ids=not aligned)
+    kern = select_kernel(kernel, q, masked=not aligned)
     branches = _branches(n, q.shape[2], k.shape[2], q.device, group, ws, rs, causal=causal,
                          kernel=kern,
                          scale=scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]),

@@ -26,11 +26,8 @@ def sp_attention(
     common = dict(causal=causal, layout=config.layout, scale=scale, bucket_size=config.bucket_size,
                   kernel=config.kernel, timeout_s=config.comm_timeout_s)
     if config.attention == "dilated":
-        if doc_ids is not None:
-            raise ValueError("dilated attention does not support packed documents or padding "
-                             "masks; use attention='ring' for packed batches")
         return dilated_attention(q, k, v, group, segment_lengths=config.segment_lengths,
-                                 dilation_rates=config.dilation_rates, **common)
+                                 dilation_rates=config.dilation_rates, doc_ids=doc_ids, **common)
     return ring_attention(q, k, v, group, comm=config.comm, doc_ids=doc_ids, **common)
 
 

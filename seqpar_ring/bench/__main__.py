@@ -1,11 +1,11 @@
-"""Entry point: ``python -m seqpar_ring.bench <ring|dilated|e2e> [options]``."""
+"""Entry point: ``python -m seqpar_ring.bench <ring|dilated|e2e|packed> [options]``."""
 
 from __future__ import annotations
 
 import importlib
 import sys
 
-COMMANDS = {"ring": "ring", "dilated": "dilated", "e2e": "e2e"}
+COMMANDS = {"ring": "ring", "dilated": "dilated", "e2e": "e2e", "packed": "packed"}
 
 
 def main() -> None:
