@@ -125,6 +125,6 @@ def test_trainer_with_deepspeed_config_trains(tmp_path):
 
 
 def test_plot_names_a_missing_run(tmp_path):
-    from seqpar_ring.plot import main
+    from seqpar_ring.tools.plot import main
 
     assert main([str(tmp_path)]) == 1

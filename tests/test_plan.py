@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from seqpar_ring import plan as P
+from seqpar_ring.tools import plan as P
 
 GIB = 2**30
 

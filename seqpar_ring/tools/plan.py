@@ -21,7 +21,7 @@ import math
 import os
 from dataclasses import dataclass, field, replace
 
-from .tiled import default_tile_size
+from seqpar_ring.tiled import default_tile_size
 
 GIB = 2**30
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
