@@ -6,8 +6,9 @@
 Per implementation, one model with random weights (``--model`` preset of seqpar_ring.tools.plan,
 default llama-1.1b), bf16, DeepSpeed ZeRO-3, gradient checkpointing, one sample per step:
 
-* ``seqpar``: ours — ``integrations.hf.patch`` (ring attention) + ``seqpar_ring.tiled`` loss,
-  engine from ``integrations.deepspeed.initialize``.
+* ``seqpar``: ours — ``integrations.hf.patch`` (ring attention), engine from
+  ``integrations.deepspeed.initialize``, the tiled loss of ``integrations.hf_tiled`` (decoder
+  forward, then ``TiledLMHead(hidden, shift_labels)``).
 * ``alst``: DeepSpeed's Ulysses (``UlyssesSPAttentionHF.register_with_transformers`` over
   SDPA) + its ``TiledFusedLogitsLoss``, the same model, config and machine.
 
@@ -94,7 +95,7 @@ class SeqPar(Impl):
         from seqpar_ring.config import SeqParConfig
         from seqpar_ring.groups import initialize
         from seqpar_ring.integrations.deepspeed import initialize as ds_initialize
-        from seqpar_ring.tiled import enable_tiled_loss
+        from seqpar_ring.integrations.hf_tiled import use_tiled_lm_head
 
         a = self.a
         section = {"size": self.world, "attention": a.attention, "layout": a.layout,
@@ -106,14 +107,16 @@ class SeqPar(Impl):
         self.layout, self.divisor = cfg.layout, cfg.seq_len_divisor
         groups = initialize(self.world)  # the same groups integrations.deepspeed will use
         model = build_model(self.spec, a.torch_dtype, "sdpa")
-        enable_tiled_loss(model, a.loss_tile, groups)  # before ZeRO-3 hooks are attached
+        use_tiled_lm_head(model, groups, a.loss_tile)  # before ZeRO-3 hooks are attached
         config = {**ds_config(a, self.world, self.dev.type == "cuda"),
                   "sequence_parallel": section}
         self.engine = ds_initialize(model=model, config=config,
                                     model_parameters=model.parameters())[0]
 
     def step(self, b: dict) -> float:
-        loss = self.engine(**b, use_cache=False).loss
+        from seqpar_ring.integrations.hf_tiled import tiled_causal_lm_loss
+
+        loss = tiled_causal_lm_loss(self.engine.module, b)
         self.engine.backward(loss)
         self.engine.step()
         return loss.item()
@@ -294,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m seqpar_ring.bench e2e", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--impl", nargs="+", default=["seqpar", "alst"], choices=sorted(IMPLS))
-    p.add_argument("--model", default="llama-1.1b", help="preset of seqpar_ring.tools.plan or a config.json")
+    p.add_argument("--model", default="llama-1.1b",
+                   help="preset of seqpar_ring.tools.plan or a config.json")
     p.add_argument("--seq", type=int, nargs="*", default=[65536, 262144, 1048576])
     p.add_argument("--steps", type=int, default=3, help="timed steps per point after its "
                    "warm-up step; 0: the point's first step is the measurement (use with "
