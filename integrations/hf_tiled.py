@@ -1,10 +1,11 @@
 """Tiled LM-head loss for transformers causal LMs: one explicit call per training step.
 
 ```python
-use_tiled_lm_head(model, groups)                   # once; before deepspeed.initialize
-for batch in loader:                               # SPDataCollator / shard_dataloader batches
-    loss = tiled_causal_lm_loss(engine.module, batch)    # instead of engine(**batch).loss
-    engine.backward(loss)
+use_tiled_lm_head(model)                            # once; before deepspeed.initialize
+engine, *_ = seqpar_ring.integrations.deepspeed.initialize(model=model, ...)
+for batch in loader:                                # SPDataCollator / shard_dataloader batches
+    loss = tiled_causal_lm_loss(engine.module, batch, engine.seqpar_groups)
+    engine.backward(loss)                           # instead of engine(**batch).loss
     engine.step()
 ```
 
@@ -12,11 +13,12 @@ for batch in loader:                               # SPDataCollator / shard_data
 owning the same Parameters. Called by the model's own forward (``model(**batch)``: evaluation,
 generation, the regular loss) it is the plain linear layer and returns logits. The tiled loss
 comes only from `tiled_causal_lm_loss`, which runs the model's decoder for the final hidden
-states and calls the head with the labels, so the (tokens x vocab) logits never exist. Nothing
-else changes — no hook, no replacement of ``model.loss_function`` — so `integrations.hf.patch`
-and `use_tiled_lm_head` can be applied in any order, and ``model(**batch).loss`` remains the
-SP loss that ``patch`` installed. The value and gradients equal that loss (token mean over
-the SP group; each rank's backward gives its share, summed over SP ranks by DeepSpeed's mpu).
+states and calls the head with the labels and the SP group, so the (tokens x vocab) logits
+never exist. Nothing else changes — no hook, no replacement of ``model.loss_function`` — so
+`integrations.hf.patch` and `use_tiled_lm_head` can be applied in any order, and
+``model(**batch).loss`` remains the SP loss that ``patch`` installed. The value and gradients
+equal that loss (token mean over the SP group; each rank's backward gives its share, which
+DeepSpeed's mpu sums over the SP ranks).
 
 Under DeepSpeed pass ``engine.module`` (ZeRO-3 gathers parameters per module, so calling the
 decoder and the head directly is what ``engine(...)`` does inside). Under PyTorch DDP use the
@@ -48,23 +50,18 @@ def _causal_lm(model: nn.Module) -> nn.Module:
     return inner
 
 
-def use_tiled_lm_head(model: nn.Module, groups: SPGroups | dist.ProcessGroup | None = None,
-                      tile_size: int | None = None) -> TiledLMHead:
-    """Replace ``model``'s LM head by a `TiledLMHead` over the SP group; returns the head.
+def use_tiled_lm_head(model: nn.Module, tile_size: int | None = None) -> TiledLMHead:
+    """Replace ``model``'s LM head by a `TiledLMHead` (same Parameters); returns the head.
 
-    ``groups``: the `SPGroups` of `integrations.hf.patch` / ``engine.seqpar_groups`` (or the SP
-    ProcessGroup; None = no SP). ``tile_size``: tokens per tile (None = about 2**26 logits).
-    Call before ``deepspeed.initialize`` (ZeRO-3 attaches its hooks to the modules present
-    then). Calling again updates the installed head's group and tile size. Models that
-    transform logits after the head (soft-capping, logit scale) are refused.
+    ``tile_size``: tokens per tile (None = about 2**26 logits per tile). Call before
+    ``deepspeed.initialize`` (ZeRO-3 attaches its hooks to the modules present then); calling
+    again only updates the tile size. Models that transform the logits after the head
+    (soft-capping, logit scale) are refused.
     """
     inner = _causal_lm(model)
-    group = getattr(groups, "sp_group", groups)
-    if isinstance(groups, SPGroups) and groups.sp_size == 1:
-        group = None
     head = inner.get_output_embeddings()
     if isinstance(head, TiledLMHead):
-        head.group, head.tile_size = group, tile_size
+        head.tile_size = tile_size
         return head
     cfg = getattr(inner, "config", None)
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
@@ -73,27 +70,31 @@ def use_tiled_lm_head(model: nn.Module, groups: SPGroups | dist.ProcessGroup | N
             raise ValueError(f"{type(inner).__name__} applies `{key}` to the logits after the "
                              "LM head; the tiled loss would skip it. Use the model's loss "
                              "(integrations.hf.patch installs the SP one)")
-    new = TiledLMHead(head, group=group, tile_size=tile_size)
+    new = TiledLMHead(head, tile_size=tile_size)
     inner.set_output_embeddings(new)
     return new
 
 
-def tiled_causal_lm_loss(model: nn.Module, batch: dict, *,
+def tiled_causal_lm_loss(model: nn.Module, batch: dict,
+                         groups: SPGroups | dist.ProcessGroup | None, *,
                          num_items: float | Tensor | None = None) -> Tensor:
     """The causal-LM loss of ``batch`` through the tiled head: decoder forward, then the head.
 
     ``batch``: model inputs of this rank (``input_ids``, ``position_ids``, ``attention_mask``,
     the collator's document ids, ...) plus ``shift_labels`` (batch, seq_local) shifted over the
     whole row before sharding (`SPDataCollator`, `shard_batch`); without SP, ``labels`` is
-    accepted and shifted here. ``num_items``: optional denominator instead of the SP group's
-    valid-label count. Returns the fp32 token-mean loss, the same on every SP rank.
+    accepted and shifted here. ``groups``: the `SPGroups` the batch was sharded for (e.g.
+    ``engine.seqpar_groups``), or the SP ProcessGroup; None = no SP. ``num_items``: optional
+    denominator instead of the SP group's valid-label count. Returns the fp32 token-mean loss,
+    the same on every SP rank.
     """
     inner = _causal_lm(model)
     head = inner.get_output_embeddings()
     if not isinstance(head, TiledLMHead):
         raise ValueError("the model's LM head is not a TiledLMHead: call "
-                         "use_tiled_lm_head(model, groups) once, before deepspeed.initialize")
-    sp = 1 if head.group is None else dist.get_world_size(head.group)
+                         "use_tiled_lm_head(model) once, before deepspeed.initialize")
+    group = getattr(groups, "sp_group", groups)
+    sp = 1 if group is None else dist.get_world_size(group)
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "shift_labels")}
     shift = batch.get("shift_labels")
     if shift is None:
@@ -111,4 +112,5 @@ def tiled_causal_lm_loss(model: nn.Module, batch: dict, *,
     out = inner.get_decoder()(**inputs, use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     # hidden goes positionally: ZeRO-3's module hooks see positional inputs only
-    return head(hidden, shift.to(hidden.device), num_items=num_items)
+    return head(hidden, shift.to(hidden.device), None if sp == 1 else group,
+                num_items=num_items)

@@ -10,10 +10,10 @@ over the whole SP group.
 The loss is one explicit call, never a side effect of a model's forward:
 
 * ``tiled_lm_loss(hidden, weight, shift_labels, group)``: the function, for your own loop;
-* ``TiledLMHead``: an ``nn.Linear`` stand-in that owns the head's Parameters; ``head(hidden)``
-  returns logits, ``head(hidden, shift_labels)`` the tiled loss. Under DeepSpeed ZeRO-3 the loss
-  must run inside the head module's forward (ZeRO-3 gathers the weight there, and again before
-  its backward), which this gives;
+* ``TiledLMHead``: an ``nn.Linear`` stand-in owning the head's Parameters; ``head(hidden)``
+  returns logits, ``head(hidden, shift_labels, group)`` the tiled loss. Under DeepSpeed ZeRO-3
+  the loss must run inside the head module's forward (ZeRO-3 gathers the weight there, and
+  again before its backward), which this gives;
 * for transformers models, ``seqpar_ring.integrations.hf_tiled`` installs the head and makes
   the step's call (decoder forward, then the head with the labels).
 """
@@ -162,9 +162,10 @@ class TiledLMHead(nn.Module):
     """Drop-in for a model's ``lm_head`` (nn.Linear) with the tiled loss as an explicit call.
 
     ``head(hidden)`` -> logits ``(batch, seq, vocab)``, exactly the linear layer it replaces (the
-    model's own forward, generation and evaluation call it so). ``head(hidden, shift_labels)``
-    -> the fp32 scalar of `tiled_lm_loss` over ``group`` (``num_items`` as there); the logits are
-    never materialised. Nothing else selects between the two: no state, no hook.
+    model's own forward, generation and evaluation call it so). ``head(hidden, shift_labels,
+    group)`` -> the fp32 scalar of `tiled_lm_loss` over the SP ``group`` (``num_items`` as
+    there); the logits are never materialised. The arguments alone select between the two: no
+    state, no hook.
 
     It adopts the head's ``weight`` (and ``bias``) Parameter objects as its own, so state-dict
     keys, weight tying and optimizer entries are unchanged, and — the point under ZeRO-3 —
@@ -172,8 +173,8 @@ class TiledLMHead(nn.Module):
     is where the whole tiled loss runs. Replace the head before ``deepspeed.initialize``.
     """
 
-    def __init__(self, head: nn.Linear, *, group: dist.ProcessGroup | None = None,
-                 tile_size: int | None = None, ignore_index: int = -100):
+    def __init__(self, head: nn.Linear, *, tile_size: int | None = None,
+                 ignore_index: int = -100):
         super().__init__()
         if not isinstance(head, nn.Linear):
             raise ValueError(f"TiledLMHead replaces an nn.Linear LM head, got "
@@ -181,13 +182,14 @@ class TiledLMHead(nn.Module):
         self.in_features, self.out_features = head.in_features, head.out_features
         self.weight = head.weight
         self.bias = head.bias
-        self.group, self.tile_size, self.ignore_index = group, tile_size, ignore_index
+        self.tile_size, self.ignore_index = tile_size, ignore_index
 
-    def forward(self, hidden: Tensor, shift_labels: Tensor | None = None, *,
+    def forward(self, hidden: Tensor, shift_labels: Tensor | None = None,
+                group: dist.ProcessGroup | None = None, *,
                 num_items: float | Tensor | None = None) -> Tensor:
         if shift_labels is None:
             return F.linear(hidden, self.weight, self.bias)
-        return tiled_lm_loss(hidden, self.weight, shift_labels, self.group, bias=self.bias,
+        return tiled_lm_loss(hidden, self.weight, shift_labels, group, bias=self.bias,
                              tile_size=self.tile_size, ignore_index=self.ignore_index,
                              num_items=num_items)
 

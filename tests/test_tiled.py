@@ -112,6 +112,7 @@ def test_tiled_head_is_linear_without_labels_and_loss_with():
     with torch.no_grad():
         torch.testing.assert_close(head(h), lin(h), **TOL)
         torch.testing.assert_close(head(h, y), _plain()(h, w, b, y), **TOL)
+        torch.testing.assert_close(head(h, y, None), head(h, y), **TOL)
         torch.testing.assert_close(head(h, y, num_items=1000.0),
                                    tiled_lm_loss(h, w, y, bias=b, num_items=1000.0), **TOL)
     with pytest.raises(ValueError, match="nn.Linear"):
@@ -142,7 +143,7 @@ def test_hf_explicit_tiled_loss_equals_model_loss():
         for batch in ({"input_ids": ids, "labels": labels},
                       {"input_ids": ids, "shift_labels": shift}):
             model.zero_grad()
-            loss = tiled_causal_lm_loss(model, batch)
+            loss = tiled_causal_lm_loss(model, batch, None)
             torch.testing.assert_close(loss, out_ref.loss, **TOL, msg=order)
             loss.backward()
             for (name, a), r in zip(model.named_parameters(), ref_grads):
@@ -161,10 +162,10 @@ def test_hf_tiled_errors():
     model = _tiny_llama()
     ids = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="use_tiled_lm_head"):
-        tiled_causal_lm_loss(model, {"input_ids": ids, "labels": ids})
+        tiled_causal_lm_loss(model, {"input_ids": ids, "labels": ids}, None)
     use_tiled_lm_head(model)
     with pytest.raises(ValueError, match="neither shift_labels nor labels"):
-        tiled_causal_lm_loss(model, {"input_ids": ids})
+        tiled_causal_lm_loss(model, {"input_ids": ids}, None)
     with pytest.raises(ValueError, match="causal LM"):
         use_tiled_lm_head(torch.nn.Linear(2, 2))
     model.config.final_logit_softcapping = 30.0
@@ -199,6 +200,7 @@ def _dist_body(rank, world):
                     torch.testing.assert_close(part, ref, **TOL, msg=msg)
     _hf_sp_cases(g, world)
     G.destroy()
+    _zero3_tiled(world)
     return True
 
 
@@ -220,12 +222,12 @@ def _hf_sp_cases(g, world):
     for head_first in (True, False):
         model = _tiny_llama()
         if head_first:
-            use_tiled_lm_head(model, g, tile_size=3)
+            use_tiled_lm_head(model, tile_size=3)
         patch(model, cfg, g)
         if not head_first:
-            use_tiled_lm_head(model, g, tile_size=3)
+            use_tiled_lm_head(model, tile_size=3)
         msg = f"sp={world} head_first={head_first}"
-        loss = tiled_causal_lm_loss(model, local)
+        loss = tiled_causal_lm_loss(model, local, g)
         torch.testing.assert_close(loss, ref_loss, **TOL, msg=msg)
         loss.backward()
         for (name, p), r in zip(model.named_parameters(), ref_grads):
@@ -235,11 +237,43 @@ def _hf_sp_cases(g, world):
         with torch.no_grad():  # the model's own loss stays patch()'s SP loss
             torch.testing.assert_close(model(**local).loss, ref_loss, **TOL, msg=msg)
         with pytest.raises(ValueError, match="shift_labels"):
-            tiled_causal_lm_loss(model, {"input_ids": local["input_ids"], "labels": ids})
+            tiled_causal_lm_loss(model, {"input_ids": local["input_ids"], "labels": ids}, g)
         with pytest.raises(ValueError, match="position_ids"):
             tiled_causal_lm_loss(model, {"input_ids": local["input_ids"],
-                                         "shift_labels": local["shift_labels"]})
+                                         "shift_labels": local["shift_labels"]}, g)
 
 
-def test_tiled_loss_sp2():
-    assert all(run_distributed(_dist_body, 2, timeout=120))
+def test_sp2_tiled_loss_hf_model_and_zero3():
+    assert all(run_distributed(_dist_body, 2, timeout=180))
+
+
+def _zero3_tiled(world):
+    """DeepSpeed ZeRO-3, SP = world: 3 SGD steps on the explicit tiled loss (head and decoder
+    called on engine.module) end at the parameters of one process on the whole rows."""
+    from tests.test_deepspeed import (STEPS, _batches, _ds_config, _params, _reference,
+                                      _teardown)
+    from tests.test_deepspeed import _tiny_llama as ds_llama
+
+    from seqpar_ring.integrations import deepspeed as sp_ds
+    from seqpar_ring.integrations.hf import SPDataCollator
+    from seqpar_ring.integrations.hf_tiled import tiled_causal_lm_loss, use_tiled_lm_head
+
+    micro = 2
+    data = _batches(STEPS, micro)
+    ref_losses, ref_params = _reference(data, 1)
+    model = ds_llama()
+    use_tiled_lm_head(model, tile_size=5)  # before initialize: ZeRO-3 hooks the new head
+    engine, *_ = sp_ds.initialize(model=model, config=_ds_config(world, 3, micro, 1))
+    collate = SPDataCollator(engine.seqpar_config, engine.seqpar_groups)
+    losses = []
+    for rows in data:
+        batch = collate.shard({"input_ids": rows, "labels": rows})
+        loss = tiled_causal_lm_loss(engine.module, batch, engine.seqpar_groups)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    params = _params(engine)
+    _teardown(engine)
+    assert losses == pytest.approx(ref_losses, rel=1e-5, abs=1e-6), (losses, ref_losses)
+    for name, ref in ref_params.items():
+        torch.testing.assert_close(params[name], ref, atol=1e-5, rtol=1e-5, msg=name)

@@ -93,7 +93,6 @@ class Impl:
 class SeqPar(Impl):
     def setup(self) -> None:
         from seqpar_ring.config import SeqParConfig
-        from seqpar_ring.groups import initialize
         from seqpar_ring.integrations.deepspeed import initialize as ds_initialize
         from seqpar_ring.integrations.hf_tiled import use_tiled_lm_head
 
@@ -105,9 +104,8 @@ class SeqPar(Impl):
         cfg = SeqParConfig.from_dict({k: v for k, v in section.items() if k != "size"}
                                      | {"sp_size": self.world})
         self.layout, self.divisor = cfg.layout, cfg.seq_len_divisor
-        groups = initialize(self.world)  # the same groups integrations.deepspeed will use
         model = build_model(self.spec, a.torch_dtype, "sdpa")
-        use_tiled_lm_head(model, groups, a.loss_tile)  # before ZeRO-3 hooks are attached
+        use_tiled_lm_head(model, a.loss_tile)  # before ZeRO-3 hooks are attached
         config = {**ds_config(a, self.world, self.dev.type == "cuda"),
                   "sequence_parallel": section}
         self.engine = ds_initialize(model=model, config=config,
@@ -116,7 +114,7 @@ class SeqPar(Impl):
     def step(self, b: dict) -> float:
         from seqpar_ring.integrations.hf_tiled import tiled_causal_lm_loss
 
-        loss = tiled_causal_lm_loss(self.engine.module, b)
+        loss = tiled_causal_lm_loss(self.engine.module, b, self.engine.seqpar_groups)
         self.engine.backward(loss)
         self.engine.step()
         return loss.item()
