@@ -10,7 +10,9 @@ MLP backward, attention backward, loss, optimizer step. Checked against measured
 
     python -m seqpar_ring.plan --model llama-1.1b --seq-len 1048576 --gpus 2 --gpu-mem-gib 141
 
-``--model`` takes a preset name (``PRESETS``) or a path to an HF ``config.json``.
+``--model`` takes a preset name (``PRESETS``) or a path to an HF ``config.json``. Without
+``--gpu-mem-gib`` the memory of CUDA device 0 is used when there is one, else 80 GiB; the
+output says which and why.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from seqpar_ring.tiled import default_tile_size
 
 GIB = 2**30
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+FALLBACK_GPU_MEM_GIB = 80.0  # without --gpu-mem-gib and without a CUDA device (A100/H100 80 GB)
 
 
 @dataclass(frozen=True)
@@ -301,8 +304,20 @@ def format_plan(pl: Plan, gpu_mem_gib: float | None = None) -> str:
             f"{'component':<22} {'GiB':>9}  why"]
     rows += [f"{n:<22} {v / GIB:>9.2f}  {why}" for n, v, why in pl.components]
     rows.append(f"{'peak (per GPU)':<22} {pl.peak_gib:>9.2f}" +
-                (f"  of {gpu_mem_gib:g} GiB" if gpu_mem_gib else ""))
+                (f"  of {gpu_mem_gib:.4g} GiB" if gpu_mem_gib else ""))
     return "\n".join(rows)
+
+
+def gpu_memory_gib(requested: float | None) -> tuple[float, str]:
+    """(GiB per GPU, why): ``requested``, else CUDA device 0's total memory, else the fallback."""
+    if requested is not None:
+        return requested, "--gpu-mem-gib"
+    import torch
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return props.total_memory / GIB, f"detected: CUDA device 0, {props.name}"
+    return FALLBACK_GPU_MEM_GIB, "no CUDA device found: default; pass --gpu-mem-gib for yours"
 
 
 def options_from_args(a: argparse.Namespace) -> PlanOptions:
@@ -321,7 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sp", type=int, default=None, help="SP group size (default: --gpus)")
     p.add_argument("--zero", type=int, default=3, choices=(0, 1, 2, 3))
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_BYTES))
-    p.add_argument("--gpu-mem-gib", type=float, default=80.0)
+    p.add_argument("--gpu-mem-gib", type=float, default=None,
+                   help="memory per GPU in GiB (default: CUDA device 0's when present, else "
+                        f"{FALLBACK_GPU_MEM_GIB:g})")
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--layout", default="zigzag", choices=("contiguous", "zigzag"))
     p.add_argument("--loss-tile", type=int, default=None)
@@ -337,18 +354,20 @@ def main(argv: list[str] | None = None) -> None:
     m, o = load_spec(a.model), options_from_args(a)
     if a.gpus % o.sp_size:
         raise SystemExit(f"--gpus {a.gpus} must be a multiple of --sp {o.sp_size}")
+    mem, why = gpu_memory_gib(a.gpu_mem_gib)
     print(f"model {a.model}: {m.params() / 1e9:.3f}B params, {m}")
     print(f"options: {o}")
+    print(f"GPU memory: {mem:.4g} GiB per GPU ({why})")
     if a.seq_len:
-        print(format_plan(estimate(m, a.seq_len, o), a.gpu_mem_gib))
-    best = max_seq_len(m, o, a.gpu_mem_gib)
-    print(f"longest sequence that fits {a.gpu_mem_gib:g} GiB/GPU "
+        print(format_plan(estimate(m, a.seq_len, o), mem))
+    best = max_seq_len(m, o, mem)
+    print(f"longest sequence that fits {mem:.4g} GiB/GPU "
           f"(minus {o.reserve_gib:g} GiB reserve): {best:,} tokens")
     if best:
-        print(format_plan(estimate(m, best, o), a.gpu_mem_gib))
+        print(format_plan(estimate(m, best, o), mem))
     if not o.tiled_loss or not o.checkpointing:
         alt = replace(o, tiled_loss=True, checkpointing=True)
-        print(f"with checkpointing + tiled loss: {max_seq_len(m, alt, a.gpu_mem_gib):,} tokens")
+        print(f"with checkpointing + tiled loss: {max_seq_len(m, alt, mem):,} tokens")
 
 
 if __name__ == "__main__":
