@@ -87,3 +87,32 @@ def test_bench_help_lists_subcommands(capsys):
     # the documented command line, through the thin entry module
     proc = _python(["-m", "seqpar_ring.bench", "--help"], ROOT, ROOT)
     assert proc.returncode == 0 and "e2e" in proc.stdout, proc.stderr[-3000:]
+
+
+def _text_files():
+    skip = {".git", "__pycache__", "runs", "build", ".pytest_cache", ".ruff_cache"}
+    for here, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if d not in skip and not d.endswith(".egg-info")]
+        for f in files:
+            if f.endswith((".py", ".md", ".json", ".toml", ".txt")) or f == "run":
+                yield os.path.join(here, f)
+
+
+def test_docs_refer_only_inside_the_repository():
+    import re
+
+    outside = ("../" + "shared", "SPEC" + "-dilated")  # split so this file does not match
+    link = re.compile(r"\]\(([^)#\s]+)[^)]*\)")
+    real_root, bad = os.path.realpath(ROOT), []
+    for path in _text_files():
+        text = open(path, encoding="utf-8").read()
+        bad += [f"{path}: {s!r}" for s in outside if s in text]
+        if path.endswith(".md"):
+            for target in link.findall(text):
+                if target.startswith(("http://", "https://", "mailto:")):
+                    continue
+                full = os.path.realpath(os.path.join(os.path.dirname(path), target))
+                if not full.startswith(real_root + os.sep) or not os.path.exists(full):
+                    bad.append(f"{path}: link {target!r} is not a file of the repository")
+    assert not bad, "\n".join(bad)
+    assert os.path.isfile(os.path.join(ROOT, "docs", "dilated.md"))
