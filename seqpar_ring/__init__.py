@@ -42,7 +42,7 @@ from .layout import gather, shard, shard_batch, unshard  # noqa: E402
 from .loss import sp_cross_entropy  # noqa: E402
 from .modules import RingDilatedMultiheadAttention, sp_attention  # noqa: E402
 from .ring import ring_attention  # noqa: E402
-from .tiled import enable_tiled_loss, tiled_lm_loss  # noqa: E402
+from .tiled import TiledLMHead, tiled_lm_loss  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -64,6 +64,6 @@ __all__ = [
     "sp_attention",
     "RingDilatedMultiheadAttention",
     "tiled_lm_loss",
-    "enable_tiled_loss",
+    "TiledLMHead",
     "__version__",
 ]

@@ -49,7 +49,7 @@ class SeqParConfig:
 
     Attributes:
         sp_size: ranks that share the tokens of one sample (p). 1 disables sharding.
-        attention: ``"ring"`` (exact softmax attention) or ``"dilated"`` (LongNet, SPEC-dilated.md).
+        attention: ``"ring"`` (exact softmax attention) or ``"dilated"`` (LongNet, docs/dilated.md).
         layout: how tokens are placed on ranks: ``"contiguous"`` (rank r holds chunk r of p) or
             ``"zigzag"`` (2p chunks, rank r holds chunks r and 2p-1-r; balances causal work).
         comm: ``"ring"`` (K/V blocks pass around the ring) or ``"allgather"`` (K/V gathered once).

@@ -1,4 +1,4 @@
-"""LongNet dilated attention over the sequence-parallel ring (the function of SPEC-dilated.md).
+"""LongNet dilated attention over the sequence-parallel ring (the function of docs/dilated.md).
 
 Branch i (segment length w, rate r) lets head h attend among the positions p with
 p ≡ h (mod r) inside one segment of w' = min(w, S) tokens. Because every segment starts at a
@@ -47,7 +47,7 @@ from .sparse import BranchHeads, branch_heads, nested_heads
 
 
 def validate_schedule(segment_lengths, dilation_rates, seq_len: int | None = None):
-    """The validation rules of SPEC-dilated.md; returns the lists as tuples."""
+    """The validation rules of docs/dilated.md; returns the lists as tuples."""
     ws, rs = tuple(segment_lengths or ()), tuple(dilation_rates or ())
     if not ws or len(ws) != len(rs):
         raise ValueError(f"segment_lengths {list(ws)} and dilation_rates {list(rs)} must be "
@@ -297,7 +297,7 @@ def dilated_attention(
     doc_ids: torch.Tensor | None = None,
     timeout_s: float = C.DEFAULT_TIMEOUT_S,
 ) -> torch.Tensor:
-    """LongNet dilated attention (SPEC-dilated.md) of the sequence sharded across ``group``.
+    """LongNet dilated attention (docs/dilated.md) of the sequence sharded across ``group``.
 
     q: (batch, seq_local, heads, head_dim); k, v: (batch, seq_local, kv_heads, head_dim), tokens
     laid out contiguously (rank r holds [r·n, (r+1)·n)). Returns (batch, seq_local, heads,

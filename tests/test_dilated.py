@@ -1,4 +1,4 @@
-"""Exactness of dilated_attention on 1-4 gloo ranks against SPEC-dilated.md (tests/reference.py).
+"""Exactness of dilated_attention on 1-4 gloo ranks against docs/dilated.md (tests/reference.py).
 
 References are computed once in the parent process (the naive reference loops in Python) and
 shipped to the ranks; every rank compares its rows of out and dq/dk/dv. One spawn per world
@@ -59,7 +59,7 @@ SCHEDULES = [
 BUCKET_SCHEDULES = ("w8r2 (w < S/p)", "multi-branch", "S64 multi-branch")
 BUCKETS = (16, 64)
 BUCKET_TOL = {torch.float32: (2e-6, 2e-6), torch.float64: (1e-12, 1e-12)}
-# invalid on S = 48 (SPEC-dilated.md 'Validation'), with the value the message must name
+# invalid on S = 48 (docs/dilated.md, "What is refused"), with the value the message must name
 INVALID = [
     ((20,), (1,), "20"),  # 48 % 20 != 0
     ((10,), (3,), "10"),  # 10 % 3 != 0
@@ -148,7 +148,7 @@ def _check_refusals(results: list[dict]) -> None:
                 problems[key] = problems.get(key, 0) + 1
     assert not problems, (
         f"{sum(problems.values())} spec-valid case(s) refused with ValueError over all ranks "
-        "(SPEC-dilated.md: exact for any valid schedule, rank count and layout):\n"
+        "(docs/dilated.md: exact for any valid schedule and rank count):\n"
         + "\n".join(f"  [{n} x] {key}" for key, n in problems.items())
     )
 

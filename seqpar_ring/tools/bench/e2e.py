@@ -3,11 +3,12 @@
     torchrun --nproc_per_node 2 -m seqpar_ring.bench e2e --impl seqpar alst \
         --seq 65536 262144 1048576 --find-max --out e2e.json --plot
 
-Per implementation, one model with random weights (``--model`` preset of seqpar_ring.plan,
+Per implementation, one model with random weights (``--model`` preset of seqpar_ring.tools.plan,
 default llama-1.1b), bf16, DeepSpeed ZeRO-3, gradient checkpointing, one sample per step:
 
-* ``seqpar``: ours — ``integrations.hf.patch`` (ring attention) + ``seqpar_ring.tiled`` loss,
-  engine from ``integrations.deepspeed.initialize``.
+* ``seqpar``: ours — ``integrations.hf.patch`` (ring attention), engine from
+  ``integrations.deepspeed.initialize``, the tiled loss of ``integrations.hf_tiled`` (decoder
+  forward, then ``TiledLMHead(hidden, shift_labels)``).
 * ``alst``: DeepSpeed's Ulysses (``UlyssesSPAttentionHF.register_with_transformers`` over
   SDPA) + its ``TiledFusedLogitsLoss``, the same model, config and machine.
 
@@ -30,7 +31,7 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from .. import plan as planner
+from seqpar_ring.tools import plan as planner
 from .common import init_from_env, peak_gib, print_table, reset_peak, sync, write_json
 
 COLUMNS = ["impl", "seq_len", "tokens_per_s", "step_s", "peak_gib", "plan_gib", "loss", "status"]
@@ -83,7 +84,7 @@ class Impl:
     def batch(self, seq: int) -> dict:
         g = torch.Generator().manual_seed(seq)
         ids = torch.randint(0, self.spec.vocab, (1, seq), generator=g)
-        from ..layout import shard_batch
+        from seqpar_ring.layout import shard_batch
 
         b = shard_batch({"input_ids": ids, "labels": ids}, self.world, self.rank, self.layout)
         return {k: b[k].to(self.dev) for k in ("input_ids", "position_ids", "shift_labels")}
@@ -91,10 +92,9 @@ class Impl:
 
 class SeqPar(Impl):
     def setup(self) -> None:
-        from ..config import SeqParConfig
-        from ..groups import initialize
-        from ..integrations.deepspeed import initialize as ds_initialize
-        from ..tiled import enable_tiled_loss
+        from seqpar_ring.config import SeqParConfig
+        from seqpar_ring.integrations.deepspeed import initialize as ds_initialize
+        from seqpar_ring.integrations.hf_tiled import use_tiled_lm_head
 
         a = self.a
         section = {"size": self.world, "attention": a.attention, "layout": a.layout,
@@ -104,16 +104,17 @@ class SeqPar(Impl):
         cfg = SeqParConfig.from_dict({k: v for k, v in section.items() if k != "size"}
                                      | {"sp_size": self.world})
         self.layout, self.divisor = cfg.layout, cfg.seq_len_divisor
-        groups = initialize(self.world)  # the same groups integrations.deepspeed will use
         model = build_model(self.spec, a.torch_dtype, "sdpa")
-        enable_tiled_loss(model, a.loss_tile, groups)  # before ZeRO-3 hooks are attached
+        use_tiled_lm_head(model, a.loss_tile)  # before ZeRO-3 hooks are attached
         config = {**ds_config(a, self.world, self.dev.type == "cuda"),
                   "sequence_parallel": section}
         self.engine = ds_initialize(model=model, config=config,
                                     model_parameters=model.parameters())[0]
 
     def step(self, b: dict) -> float:
-        loss = self.engine(**b, use_cache=False).loss
+        from seqpar_ring.integrations.hf_tiled import tiled_causal_lm_loss
+
+        loss = tiled_causal_lm_loss(self.engine.module, b, self.engine.seqpar_groups)
         self.engine.backward(loss)
         self.engine.step()
         return loss.item()
@@ -294,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m seqpar_ring.bench e2e", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--impl", nargs="+", default=["seqpar", "alst"], choices=sorted(IMPLS))
-    p.add_argument("--model", default="llama-1.1b", help="seqpar_ring.plan preset or config")
+    p.add_argument("--model", default="llama-1.1b",
+                   help="preset of seqpar_ring.tools.plan or a config.json")
     p.add_argument("--seq", type=int, nargs="*", default=[65536, 262144, 1048576])
     p.add_argument("--steps", type=int, default=3, help="timed steps per point after its "
                    "warm-up step; 0: the point's first step is the measurement (use with "

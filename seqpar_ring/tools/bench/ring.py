@@ -19,8 +19,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..layout import shard
-from ..ring import ring_attention
+from seqpar_ring.layout import shard
+from seqpar_ring.ring import ring_attention
 from .common import (attention_flops, init_from_env, peak_gib, print_table, reset_peak, timeit,
                      write_json)
 
