@@ -1,4 +1,4 @@
-"""``python -m seqpar_ring.bench {ring,dilated,e2e,packed}``: entry point of seqpar_ring.tools.bench."""
+"""``python -m seqpar_ring.bench <benchmark>``: entry point of seqpar_ring.tools.bench."""
 
 from seqpar_ring.tools.bench import main
 
