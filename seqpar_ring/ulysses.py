@@ -210,8 +210,8 @@ def _local_checks(q, k, u: int, p: int, what: str, rates) -> None:
     if rates:
         need = math.lcm(*rates)
         if (heads // u) % need:
-            ok = [d for d in range(1, p + 1)
-                  if p % d == 0 and heads % d == 0 and (heads // d) % need == 0]
+            ok = [1] + [d for d in range(2, p + 1)  # u = 1: no per-rank head offset
+                        if p % d == 0 and heads % d == 0 and (heads // d) % need == 0]
             raise ValueError(
                 f"{what}: dilated attention with ulysses_size={u} and {heads} heads leaves "
                 f"{heads // u} heads per rank, not a multiple of lcm(dilation_rates)={need}: "

@@ -2,7 +2,7 @@
 
 The placement is checked against a naive definition written here (ring layout over r ranks from
 tests/reference.py, cut into u consecutive pieces), including through the real all-to-all. The
-attention (u x r = 2x1, 1x2, 2x2, 4x1, and 2x1 inside sp=2 x dp=2) is compared with the fp64
+attention (u x r = 2x1, 1x2, 3x1, 2x2, 4x1, and 2x1 inside sp=2 x dp=2) is compared with the fp64
 full-sequence references on forward and every gradient, causal and not, MHA / GQA / MQA
 (K/V heads < u and not dividing u), packed documents, both comms, fp32 and fp64; then a tiny HF
 Llama through `patch` (loss and every parameter gradient) against a single-process run. One
@@ -150,6 +150,11 @@ def test_auto_rule():
     cfg = SeqParConfig(sp_size=2, ulysses_size="auto")
     assert resolve_ulysses_size(cfg, model_cfg, 65536, gpus_per_node=8).ulysses_size == 2
     assert resolve_ulysses_size(cfg, model_cfg, 262144, gpus_per_node=8).ulysses_size == 1
+    from seqpar_ring.integrations.deepspeed import _resolve_auto
+
+    ds = {"sequence_parallel": {"size": 2, "ulysses_size": "auto"}}
+    resolved = _resolve_auto(cfg, ds, model_cfg, 65536)  # what initialize(seq_len=) does
+    assert resolved.ulysses_size == 2 and ds["sequence_parallel"]["ulysses_size"] == 2
     fixed = SeqParConfig(sp_size=2, ulysses_size=2)
     assert resolve_ulysses_size(fixed, None, None) is fixed
     with pytest.raises(ValueError, match="seq_len"):
@@ -163,6 +168,8 @@ def _heads_for(u: int) -> list[tuple[int, int]]:
     divided by u (replicated to lcm)."""
     if u == 4:
         return [(8, 8), (8, 4), (8, 2), (8, 1), (12, 6)]
+    if u == 3:
+        return [(6, 6), (6, 3), (6, 2), (6, 1)]
     if u == 2:
         return [(4, 4), (8, 2), (4, 1), (6, 3)]
     return [(4, 4), (8, 2)]
@@ -233,19 +240,20 @@ def _module_and_dispatch_cases(groups) -> int:
     from seqpar_ring.modules import RingDilatedMultiheadAttention, reference_forward, sp_attention
 
     p, u, s = groups.sp_size, groups.ulysses_size, groups.sp_rank
+    h = 6 if u == 3 else 8
     n = 0
     for causal, layout in itertools.product((True, False), ("contiguous", "zigzag")):
         cfg = SeqParConfig(sp_size=p, ulysses_size=u, layout=layout, kernel="torch")
-        data = make_inputs(7 + causal, BATCH, SEQ, 8, 2, HEAD_DIM)
+        data = make_inputs(7 + causal, BATCH, SEQ, h, 2, HEAD_DIM)
         ref = reference_fwd_bwd(lambda q, k, v: sdpa_reference(q, k, v, causal), data)
         got = _run(lambda q, k, v, d: sp_attention(q, k, v, cfg, groups, causal=causal), data,
                    p, u, s, layout, torch.float64)
         assert_close(got, _expected(ref, p, u, s, layout), [DENSE_TOL[torch.float64]],
                      f"sp_attention u={u} {layout} causal={causal}")
         torch.manual_seed(3)
-        mha = RingDilatedMultiheadAttention(32, 8, kv_heads=2, config=cfg, group=groups,
+        mha = RingDilatedMultiheadAttention(h * 4, h, kv_heads=2, config=cfg, group=groups,
                                             causal=causal, dtype=torch.float64)
-        x = torch.randn(BATCH, SEQ, 32, dtype=torch.float64, generator=torch.Generator()
+        x = torch.randn(BATCH, SEQ, h * 4, dtype=torch.float64, generator=torch.Generator()
                         .manual_seed(5))
         y, _ = mha(naive_shard(x, p, u, s, layout))
         want = naive_shard(reference_forward(mha, x), p, u, s, layout)
@@ -253,7 +261,7 @@ def _module_and_dispatch_cases(groups) -> int:
         n += 2
     if u > 1:
         cfg = SeqParConfig(sp_size=p, ulysses_size=u, kernel="torch")
-        q = torch.zeros(1, SEQ // p, 8, HEAD_DIM)
+        q = torch.zeros(1, SEQ // p, h, HEAD_DIM)
         with pytest.raises(ValueError, match="needs the rank's SPGroups"):
             sp_attention(q, q[:, :, :2], q[:, :, :2], cfg, groups.sp_group)
         odd = torch.zeros(1, SEQ // p, u + 1, HEAD_DIM)  # heads not divisible by u
@@ -282,7 +290,7 @@ def _dilated_cases(groups) -> int:
                          f"dilated u={u} H={h}:{hkv} causal={causal} {dtype}", dtype)
             n += 1
     q = torch.zeros(1, SEQ // p, u, HEAD_DIM)  # one head per rank: rate 2 cannot work
-    ok = [d for d in range(1, p + 1) if p % d == 0 and u % d == 0 and (u // d) % 2 == 0]
+    ok = [1] + [d for d in range(2, p + 1) if p % d == 0 and u % d == 0 and (u // d) % 2 == 0]
     with pytest.raises(ValueError, match=rf"Working ulysses_size .*: {re.escape(str(ok))} \(1 a"):
         ulysses_dilated_attention(q, q, q, groups, segment_lengths=ws, dilation_rates=rs)
     return n
@@ -426,7 +434,14 @@ def _world4(rank: int, world: int) -> int:
     return n + _grid(2, 2, "2x1 in sp2 x dp2", hf=False)  # sub-groups: group != global ranks
 
 
-@pytest.mark.parametrize("world", [2, 4])
+def _world3(rank: int, world: int) -> int:
+    torch.set_num_threads(1)
+    _check_grid_ranks(rank, world, 3, 3)
+    return _grid(3, 3, "3x1", hf=False)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
 def test_hybrid_exact(world):
-    counts = run_distributed(_world2 if world == 2 else _world4, world, timeout=TIMEOUT_S)
+    body = {2: _world2, 3: _world3, 4: _world4}[world]
+    counts = run_distributed(body, world, timeout=TIMEOUT_S)
     assert len(set(counts)) == 1 and counts[0] > 0
