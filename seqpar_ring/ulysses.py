@@ -266,7 +266,10 @@ def ulysses_ring_attention(
     ring of r = p/u ranks. Returns (batch, seq_local, heads, head_dim) in q's dtype.
     """
     def inner(qh, kh, vh, rg, doc):
-        return ring_attention(qh, kh, vh, rg, causal=causal, layout=layout, comm=comm,
+        # r = 1 (pure Ulysses): both layouts hold the whole sequence in order, and
+        # "contiguous" makes it ONE full-length kernel call (zigzag would cut it in 3 calls)
+        lay = layout if rg is not None else "contiguous"
+        return ring_attention(qh, kh, vh, rg, causal=causal, layout=lay, comm=comm,
                               scale=scale, bucket_size=bucket_size, kernel=kernel, doc_ids=doc,
                               timeout_s=timeout_s)
 

@@ -259,6 +259,18 @@ def _module_and_dispatch_cases(groups) -> int:
         want = naive_shard(reference_forward(mha, x), p, u, s, layout)
         assert_close([y.detach()], [want], [DENSE_TOL[torch.float64]], "module", names=("y",))
         n += 2
+    if groups.ring_size == 1:  # pure Ulysses: one full-length kernel call, not zigzag's three
+        import seqpar_ring.ulysses as U
+
+        seen, real = [], U.ring_attention
+        U.ring_attention = lambda *a, **kw: seen.append(kw["layout"]) or real(*a, **kw)
+        try:
+            data = make_inputs(9, 1, SEQ, h, 2, HEAD_DIM)
+            _run(lambda q, k, v, d: U.ulysses_ring_attention(q, k, v, groups, layout="zigzag"),
+                 data, p, u, s, "zigzag", torch.float64)
+        finally:
+            U.ring_attention = real
+        assert seen == ["contiguous"], seen
     if u > 1:
         cfg = SeqParConfig(sp_size=p, ulysses_size=u, kernel="torch")
         q = torch.zeros(1, SEQ // p, h, HEAD_DIM)
