@@ -1,9 +1,13 @@
 """Transport of the Ulysses exchange: all-to-all and all-gather inside a (Ulysses) group.
 
 Nothing here knows about attention or heads: ``all_to_all`` sends block j of a (u, ...) tensor
-to group rank j and returns the blocks received, block j from group rank j. Waits have a
-timeout, like the ring's P2P waits, so a peer that never arrives fails the job instead of
-hanging it. Bytes are added to `seqpar_ring.comm.comm_stats` (the process total) and to
+to group rank j and returns the blocks received, block j from group rank j. A peer that never
+arrives fails the job instead of hanging it: on gloo every wait has ``timeout_s``; on NCCL the
+wait is stream-ordered (the CPU keeps queueing kernels) and the process group's own timeout
+(its watchdog) ends a stuck collective — a ``Work.wait(timeout)`` there would block the CPU
+until the all-to-all finishes, a host sync on every attention call.
+
+Bytes are added to `seqpar_ring.comm.comm_stats` (the process total) and to
 ``a2a_stats`` (this transport only; ``replicated_bytes`` counts K/V heads the Ulysses layer
 copied because the model has fewer K/V heads than the Ulysses size).
 """
@@ -37,6 +41,9 @@ a2a_stats = A2AStats()
 
 
 def _wait(work, timeout_s: float, what: str, group) -> None:
+    if "nccl" in str(dist.get_backend(group)):
+        work.wait()  # stream-ordered; the NCCL watchdog enforces the group's timeout
+        return
     timeout = timedelta(seconds=timeout_s)
     try:
         done = work.wait(timeout=timeout) is not False
