@@ -34,7 +34,7 @@ from seqpar_ring import groups as sp_groups
 from seqpar_ring.config import SeqParConfig
 from seqpar_ring.groups import SPGroups
 
-from .deepspeed import _world_size_before_init, prepare_model_for_zero3
+from .deepspeed import _resolve_auto, _world_size_before_init, prepare_model_for_zero3
 from .ds_config import DS_SIZE_KEY, SECTION, config_from_args, validate_for_world
 
 __all__ = ["setup_sequence_parallel"]
@@ -42,12 +42,13 @@ __all__ = ["setup_sequence_parallel"]
 
 def setup_sequence_parallel(
     accelerator: Any, model: nn.Module, args: argparse.Namespace | None = None,
-    *, patch_model: bool = True,
+    *, patch_model: bool = True, seq_len: int | None = None,
 ) -> tuple[SeqParConfig, SPGroups]:
     """Read the SP section of accelerate's DeepSpeed config, build groups, patch ``model``.
 
     ``args``: ``--sequence-parallel-*`` flags (they override the file). Call on every rank,
-    after ``Accelerator()`` and before ``accelerator.prepare(model, ...)``.
+    after ``Accelerator()`` and before ``accelerator.prepare(model, ...)``. ``seq_len``: total
+    tokens per sample, needed only to resolve ``ulysses_size="auto"``.
     """
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is None:
@@ -66,11 +67,12 @@ def setup_sequence_parallel(
     # DeepSpeed on CPU (gloo), where it has no multi-process DeepSpeed mode
     world = _world_size_before_init() or accelerator.num_processes
     validate_for_world(cfg, ds, world)
+    cfg = _resolve_auto(cfg, ds, model, seq_len)
     live[SECTION] = ds[SECTION]
     live[DS_SIZE_KEY] = cfg.sp_size
     live.pop("data_parallel_size", None)  # checked; DeepSpeed would build its own mesh from it
 
-    groups = sp_groups.initialize(cfg.sp_size)
+    groups = sp_groups.initialize(cfg.sp_size, ulysses_size=cfg.ulysses_size)
     if patch_model:
         from .hf import patch
 

@@ -171,6 +171,7 @@ def initialize(
     *,
     patch_model: bool = True,
     dist_backend: str | None = None,
+    seq_len: int | None = None,
     **kwargs: Any,
 ) -> tuple:
     """`deepspeed.initialize` with sequence parallelism; returns what DeepSpeed returns.
@@ -182,6 +183,8 @@ def initialize(
     loss (``patch_model=False`` for a model that calls `seqpar_ring.modules.sp_attention`
     itself), prepare ZeRO-3, and call DeepSpeed with ``mpu=<the SPGroups>`` so its data
     parallel size is world / sp. The engine gets ``seqpar_config`` and ``seqpar_groups``.
+    ``seq_len`` (total tokens per sample) is needed only by ``ulysses_size="auto"``, which is
+    resolved here from the model's head counts (`seqpar_ring.tools.plan.resolve_ulysses_size`).
     Other keyword arguments go to `deepspeed.initialize`.
     """
     if model is None:
@@ -199,7 +202,8 @@ def initialize(
     # sequence_parallel_size; our mpu is the grid, so only the checked value may be dropped.
     ds.pop("data_parallel_size", None)
 
-    groups = sp_groups.initialize(sp_cfg.sp_size)
+    sp_cfg = _resolve_auto(sp_cfg, ds, model, seq_len)
+    groups = sp_groups.initialize(sp_cfg.sp_size, ulysses_size=sp_cfg.ulysses_size)
     if patch_model:
         from .hf import patch
 
@@ -227,6 +231,18 @@ def initialize(
     engine.seqpar_config = sp_cfg
     engine.seqpar_groups = groups
     return out
+
+
+def _resolve_auto(cfg: SeqParConfig, ds: dict[str, Any], model: nn.Module,
+                  seq_len: int | None) -> SeqParConfig:
+    """Resolve ulysses_size='auto' (planner) and record the choice in the DeepSpeed dict."""
+    from seqpar_ring.tools.plan import resolve_ulysses_size
+
+    resolved = resolve_ulysses_size(cfg, model, seq_len)
+    if resolved is not cfg:
+        logger.info("ulysses_size='auto' -> %d for %s tokens", resolved.ulysses_size, seq_len)
+        ds[SECTION] = {**ds.get(SECTION, {}), "ulysses_size": resolved.ulysses_size}
+    return resolved
 
 
 def _deepspeed_initialize(**kwargs: Any) -> tuple:

@@ -4,7 +4,8 @@
 {
   "train_micro_batch_size_per_gpu": 1,
   "sequence_parallel_size": 4,
-  "sequence_parallel": {"size": 4, "attention": "ring", "layout": "zigzag", "comm": "ring"},
+  "sequence_parallel": {"size": 4, "attention": "ring", "layout": "zigzag", "comm": "ring",
+                        "ulysses_size": 1},
   "zero_optimization": {"stage": 3}
 }
 ```
@@ -41,8 +42,19 @@ __all__ = [
 SECTION = "sequence_parallel"
 DS_SIZE_KEY = "sequence_parallel_size"  # DeepSpeed's own key (mesh / HF zero.Init world size)
 
-# flag -> SeqParConfig field; the JSON section uses the same names except "size" for sp_size
-_FLAGS: dict[str, tuple[str, type, str]] = {
+def _int_or_auto(text: str) -> int | str:
+    """argparse type of --ulysses-size: a positive integer or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither an integer nor 'auto'") from None
+
+
+# flag -> SeqParConfig field; the JSON section uses the same names except "size" for sp_size.
+# Names are chosen so that no flag is a prefix of another (argparse accepts prefixes).
+_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--sequence-parallel-size": ("sp_size", int, "ranks that share one sample's tokens"),
     "--sequence-parallel-attention": ("attention", str, "ring | dilated"),
     "--sequence-parallel-layout": ("layout", str, "contiguous | zigzag"),
@@ -51,6 +63,8 @@ _FLAGS: dict[str, tuple[str, type, str]] = {
     "--dilation-rates": ("dilation_rates", int, "dilated: one rate per segment, e.g. 1 2"),
     "--sequence-parallel-bucket-size": ("bucket_size", int, "torch kernel tile in tokens"),
     "--sequence-parallel-kernel": ("kernel", str, "auto | torch | cudnn | flash"),
+    "--ulysses-size": ("ulysses_size", _int_or_auto,
+                       "Ulysses x ring: all-to-all factor u of the SP size (p = u x r), or auto"),
 }
 _LIST_FIELDS = ("segment_lengths", "dilation_rates")
 

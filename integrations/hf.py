@@ -58,11 +58,13 @@ def resolve_groups(config: SeqParConfig, groups: SPGroups | None = None) -> SPGr
                     f"sp_size={config.sp_size} needs torch.distributed: call "
                     "torch.distributed.init_process_group(...) before patch()"
                 ) from None
-            groups = initialize(config.sp_size)
-    if groups is not None and groups.sp_size != config.sp_size:
+            groups = initialize(config.sp_size, ulysses_size=config.ulysses_size)
+    if groups is not None and (groups.sp_size, groups.ulysses_size) != (
+            config.sp_size, config.ulysses_size):
         raise ValueError(
-            f"config.sp_size={config.sp_size} but the SP groups are {groups}: pass matching "
-            "groups or build them with seqpar_ring.groups.initialize(config.sp_size)"
+            f"config.sp_size={config.sp_size}, ulysses_size={config.ulysses_size} but the SP "
+            f"groups are {groups}: pass matching groups or build them with seqpar_ring.groups."
+            "initialize(config.sp_size, ulysses_size=config.ulysses_size)"
         )
     return groups
 

@@ -49,6 +49,9 @@ class SPDataCollator:
         self.pad_token_id = pad_token_id
         if (groups.sp_size if groups is not None else 1) != config.sp_size:
             raise ValueError(f"config.sp_size={config.sp_size} does not match the groups {groups}")
+        if groups is not None and groups.ulysses_size != config.ulysses_size:
+            raise ValueError(f"config.ulysses_size={config.ulysses_size!r} does not match the "
+                             f"groups {groups}")
 
     def __call__(self, features: list) -> dict[str, Any]:
         if self.base is None:
@@ -86,7 +89,7 @@ class SPDataCollator:
             batch[DOC_IDS_KEY] = doc + 1  # shard_batch pads extra tensors with 0 -> id -1 below
         batch["position_ids"] = pos
         out = shard_batch(batch, p, rank, cfg.layout, pad_to_multiple_of=multiple,
-                          pad_token_id=self.pad_token_id)
+                          pad_token_id=self.pad_token_id, ulysses_size=cfg.ulysses_size)
         if doc is not None:
             out[DOC_IDS_KEY] = out[DOC_IDS_KEY] - 1
         if "shift_labels" in out:

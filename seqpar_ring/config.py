@@ -12,12 +12,13 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-__all__ = ["SeqParConfig", "ATTENTIONS", "LAYOUTS", "COMMS", "KERNELS"]
+__all__ = ["SeqParConfig", "ATTENTIONS", "LAYOUTS", "COMMS", "KERNELS", "AUTO"]
 
 ATTENTIONS = ("ring", "dilated")
 LAYOUTS = ("contiguous", "zigzag")
 COMMS = ("ring", "allgather")
 KERNELS = ("auto", "torch", "cudnn", "flash")
+AUTO = "auto"  # ulysses_size chosen by the planner (seqpar_ring.tools.plan.resolve_ulysses_size)
 
 _SECTION = "sequence_parallel"  # prefix of every error message: the key as a user writes it
 
@@ -58,6 +59,12 @@ class SeqParConfig:
         kernel: local block kernel: ``"auto"``, ``"torch"``, ``"cudnn"``, ``"flash"`` (packed
             documents run on the fused kernels too: see `seqpar_ring.documents`).
         comm_timeout_s: how long a ring exchange may wait before raising instead of hanging.
+        ulysses_size: u, the Ulysses (all-to-all) factor of the SP group: p = u x r. Each rank's
+            heads are exchanged over u adjacent ranks (seq/p, heads) -> (seq/r, heads/u), then
+            the ring runs over r ranks (`seqpar_ring.ulysses`). 1 (default) is the pure ring,
+            ``sp_size`` pure Ulysses. ``"auto"``: chosen from the model's head counts and the
+            sequence length by `seqpar_ring.tools.plan.resolve_ulysses_size` (must be resolved
+            before the groups are built).
     """
 
     sp_size: int = 1
@@ -69,6 +76,7 @@ class SeqParConfig:
     bucket_size: int | None = None
     kernel: str = "auto"
     comm_timeout_s: float = 600.0
+    ulysses_size: int | str = 1
 
     def __post_init__(self) -> None:
         if not _is_int(self.sp_size) or self.sp_size < 1:
@@ -95,6 +103,7 @@ class SeqParConfig:
             raise ValueError(
                 f"{_SECTION}.comm_timeout_s={t!r} must be a finite number of seconds > 0"
             )
+        self._check_ulysses()
         # frozen dataclass: normalise lists (from JSON) to tuples through object.__setattr__
         seg = _as_int_tuple("segment_lengths", self.segment_lengths)
         dil = _as_int_tuple("dilation_rates", self.dilation_rates)
@@ -109,6 +118,34 @@ class SeqParConfig:
                 f"{_SECTION}.{key} is set but attention={self.attention!r}: "
                 "set attention='dilated' or remove segment_lengths/dilation_rates"
             )
+
+    def _check_ulysses(self) -> None:
+        u = self.ulysses_size
+        if u == AUTO:
+            if self.sp_size == 1:  # nothing to choose
+                object.__setattr__(self, "ulysses_size", 1)
+            return
+        if not _is_int(u) or u < 1:
+            raise ValueError(
+                f"{_SECTION}.ulysses_size={u!r} must be an integer >= 1 dividing sp_size, "
+                f"or {AUTO!r}"
+            )
+        if self.sp_size % u:
+            ok = [d for d in range(1, self.sp_size + 1) if self.sp_size % d == 0]
+            raise ValueError(
+                f"{_SECTION}.ulysses_size({u}) does not divide sp_size({self.sp_size}): "
+                f"sp_size = ulysses_size x ring size, so choose ulysses_size from {ok}"
+            )
+
+    @property
+    def ring_size(self) -> int:
+        """r = sp_size / ulysses_size: ranks of the ring (1 = pure Ulysses)."""
+        if self.ulysses_size == AUTO:
+            raise ValueError(
+                f"{_SECTION}.ulysses_size='auto' is not resolved yet: call "
+                "seqpar_ring.tools.plan.resolve_ulysses_size(config, model, seq_len) first"
+            )
+        return self.sp_size // int(self.ulysses_size)
 
     @staticmethod
     def _check_dilated(seg: tuple[int, ...] | None, dil: tuple[int, ...] | None) -> None:

@@ -12,7 +12,9 @@ MLP backward, attention backward, loss, optimizer step. Checked against measured
 
 ``--model`` takes a preset name (``PRESETS``) or a path to an HF ``config.json``. Without
 ``--gpu-mem-gib`` the memory of CUDA device 0 is used when there is one, else 80 GiB; the
-output says which and why.
+output says which and why. ``ulysses_size="auto"`` is chosen by the cost model of
+`seqpar_ring.tools.plan_ulysses` (`resolve_ulysses_size`); with ``--seq-len`` the CLI prints
+that choice and its table.
 """
 
 from __future__ import annotations
@@ -24,6 +26,14 @@ import os
 from dataclasses import dataclass, field, replace
 
 from seqpar_ring.tiled import default_tile_size
+
+from .plan_ulysses import (  # noqa: F401 - the planner's public names
+    Hardware,
+    choose_ulysses_size,
+    format_choice,
+    resolve_ulysses_size,
+    ulysses_cost,
+)
 
 GIB = 2**30
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -98,6 +108,7 @@ class PlanOptions:
     attention: str = "ring"          # "ring" or "dilated" (then dilation_rates matter)
     dilation_rates: tuple[int, ...] = ()
     gqa_expand: bool = True          # fused GPU kernels expand K/V to all heads in backward
+    ulysses_size: int = 1            # Ulysses x ring: all-to-all buffers, K/V replication
     offload_optimizer: bool = False
     reduce_bucket: float = 5e8       # DeepSpeed defaults (elements)
     prefetch_bucket: float = 5e7
@@ -150,8 +161,12 @@ def _layer_saved(m: ModelSpec, b: int) -> float:
 
 def _attention_backward(m: ModelSpec, b: int, o: PlanOptions) -> float:
     """Bytes per token of ring_backward's working set (seqpar_ring/ring.py)."""
-    d, hq, hkv = m.d, m.heads, m.kv_heads
-    acc = hq * d * 4 + hq * 4                   # fp32 dq accumulator + delta = rowsum(dout*out)
+    d, hq, u = m.d, m.heads, o.ulysses_size
+    hkv = math.lcm(m.kv_heads, u)               # K/V replicated to lcm(Hkv, u) heads (ulysses)
+    # Ulysses x ring: the ring runs on S/r tokens x H/u heads = the same elements per GPU; the
+    # all-to-all adds a send and a receive buffer of q, k, v (and of the gradients) per token
+    a2a = 2 * (hq + 2 * hkv) * d * b if u > 1 else 0
+    acc = hq * d * 4 + hq * 4 + a2a             # fp32 dq accumulator + delta = rowsum(dout*out)
     dkv = 2 * 2 * hkv * d * 4                   # fp32 dK/dV partial sums: one in flight, one recv
     ring = 2 * 2 * hkv * d * b                  # K/V receive buffers (2 slots: double buffering)
     # per-block kernel outputs dq, dk, dv at q-head count (+ K/V expanded for GQA); zigzag
@@ -324,7 +339,8 @@ def options_from_args(a: argparse.Namespace) -> PlanOptions:
     return PlanOptions(gpus=a.gpus, sp=a.sp, zero=a.zero, dtype=a.dtype,
                        checkpointing=a.checkpointing, tiled_loss=a.tiled_loss,
                        loss_tile=a.loss_tile, micro_batch=a.micro_batch, layout=a.layout,
-                       offload_optimizer=a.offload_optimizer, reserve_gib=a.reserve_gib)
+                       offload_optimizer=a.offload_optimizer, reserve_gib=a.reserve_gib,
+                       ulysses_size=a.ulysses_size or 1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -344,6 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss-tile", type=int, default=None)
     p.add_argument("--reserve-gib", type=float, default=1.0)
     p.add_argument("--offload-optimizer", action="store_true")
+    p.add_argument("--ulysses-size", type=int, default=None,
+                   help="Ulysses factor of the SP group for the memory estimate (default 1); "
+                   "with --seq-len the modelled 'auto' choice is printed either way")
+    p.add_argument("--gpus-per-node", type=int, default=8,
+                   help="'auto' keeps the all-to-all inside a node of this many GPUs")
     for flag, default in (("checkpointing", True), ("tiled-loss", True)):
         p.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=default)
     return p
@@ -355,11 +376,17 @@ def main(argv: list[str] | None = None) -> None:
     if a.gpus % o.sp_size:
         raise SystemExit(f"--gpus {a.gpus} must be a multiple of --sp {o.sp_size}")
     mem, why = gpu_memory_gib(a.gpu_mem_gib)
+    if o.sp_size % o.ulysses_size:
+        raise SystemExit(f"--ulysses-size {o.ulysses_size} must divide the SP size {o.sp_size}")
     print(f"model {a.model}: {m.params() / 1e9:.3f}B params, {m}")
     print(f"options: {o}")
     print(f"GPU memory: {mem:.4g} GiB per GPU ({why})")
     if a.seq_len:
         print(format_plan(estimate(m, a.seq_len, o), mem))
+        u, costs = choose_ulysses_size(m.heads, m.kv_heads, m.d, a.seq_len, o.sp_size,
+                                       layout=o.layout, dtype_bytes=DTYPE_BYTES[o.dtype],
+                                       hw=Hardware(gpus_per_node=a.gpus_per_node))
+        print(format_choice(u, costs))
     best = max_seq_len(m, o, mem)
     print(f"longest sequence that fits {mem:.4g} GiB/GPU "
           f"(minus {o.reserve_gib:g} GiB reserve): {best:,} tokens")

@@ -8,7 +8,9 @@ default llama-1.1b), bf16, DeepSpeed ZeRO-3, gradient checkpointing, one sample 
 
 * ``seqpar``: ours — ``integrations.hf.patch`` (ring attention), engine from
   ``integrations.deepspeed.initialize``, the tiled loss of ``integrations.hf_tiled`` (decoder
-  forward, then ``TiledLMHead(hidden, shift_labels)``).
+  forward, then ``TiledLMHead(hidden, shift_labels)``). ``--ulysses-size u`` runs it as
+  Ulysses x ring (u = world: all-to-all only); ``auto`` lets the planner choose for the first
+  ``--seq``.
 * ``alst``: DeepSpeed's Ulysses (``UlyssesSPAttentionHF.register_with_transformers`` over
   SDPA) + its ``TiledFusedLogitsLoss``, the same model, config and machine.
 
@@ -86,7 +88,8 @@ class Impl:
         ids = torch.randint(0, self.spec.vocab, (1, seq), generator=g)
         from seqpar_ring.layout import shard_batch
 
-        b = shard_batch({"input_ids": ids, "labels": ids}, self.world, self.rank, self.layout)
+        b = shard_batch({"input_ids": ids, "labels": ids}, self.world, self.rank, self.layout,
+                        ulysses_size=getattr(self, "ulysses", 1))
         return {k: b[k].to(self.dev) for k in ("input_ids", "position_ids", "shift_labels")}
 
 
@@ -102,7 +105,13 @@ class SeqPar(Impl):
         if a.attention == "dilated":
             section.update(segment_lengths=a.segments, dilation_rates=a.rates)
         cfg = SeqParConfig.from_dict({k: v for k, v in section.items() if k != "size"}
-                                     | {"sp_size": self.world})
+                                     | {"sp_size": self.world, "ulysses_size": a.ulysses_size})
+        cfg = planner.resolve_ulysses_size(cfg, seq_len=a.seq[0] if a.seq else None,
+                                           heads=self.spec.heads, kv_heads=self.spec.kv_heads,
+                                           head_dim=self.spec.d)
+        section["ulysses_size"] = self.ulysses = cfg.ulysses_size
+        if self.rank == 0:
+            print(f"seqpar: ulysses_size {a.ulysses_size} -> {cfg.ulysses_size}", flush=True)
         self.layout, self.divisor = cfg.layout, cfg.seq_len_divisor
         model = build_model(self.spec, a.torch_dtype, "sdpa")
         use_tiled_lm_head(model, a.loss_tile)  # before ZeRO-3 hooks are attached
@@ -197,7 +206,8 @@ def run_point(impl: Impl, seq: int, a, *, steps: int) -> dict:
                             layout=getattr(impl, "layout", "zigzag"), reserve_gib=0.0,
                             attention="dilated" if dilated else "ring",
                             dilation_rates=tuple(a.rates) if dilated else (),
-                            reduce_bucket=a.bucket, prefetch_bucket=a.bucket)
+                            reduce_bucket=a.bucket, prefetch_bucket=a.bucket,
+                            ulysses_size=getattr(impl, "ulysses", 1))
     row["plan_gib"] = planner.estimate(impl.spec, seq, o).peak_gib if seq % impl.world == 0 \
         else None
     err = None
@@ -291,6 +301,15 @@ def plot(json_path: str, prefix: str | None = None) -> list[str]:
     return written
 
 
+def _int_or_auto(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither an integer nor 'auto'") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m seqpar_ring.bench e2e", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -318,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rates", type=int, nargs="*", default=[])
     p.add_argument("--layout", default="zigzag", choices=("contiguous", "zigzag"))
     p.add_argument("--kernel", default="auto")
+    p.add_argument("--ulysses-size", type=_int_or_auto, default=1,
+                   help="seqpar only: Ulysses factor u of the SP group (world = u x ring), or "
+                   "'auto' (planner, for the first --seq)")
     p.add_argument("--loss-tile", type=int, default=None)
     p.add_argument("--out", default="e2e.json")
     p.add_argument("--plot", action="store_true", help="also write PNGs (rank 0)")

@@ -144,7 +144,7 @@ def _flex(q, k, v, ids, dev) -> float:
 
 
 def e2e_rows(seq: int, dev) -> list[dict]:
-    from .. import plan as planner
+    from seqpar_ring.tools import plan as planner
 
     spec = planner.PRESETS["llama-1.1b"]
     g = torch.Generator().manual_seed(0)
