@@ -44,7 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "Llama built from LlamaConfig, nothing downloaded)")
     p.add_argument("--data", default=None, help="your .jsonl ('text') / .txt data, packed into "
                    "rows (default: the synthetic passkey task)")
-    p.add_argument("--out", default="runs/passkey", help="run dir: metrics, checkpoints")
+    p.add_argument("--out", default=None, help="run dir: metrics, checkpoints (default: "
+                   "runs/passkey, or runs/<data file name> with --data)")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per row (all SP ranks)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per step per SP group")
     p.add_argument("--steps", type=int, default=600, help="optimizer steps")
@@ -66,7 +67,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--deepspeed_config", default=os.path.join(ROOT, "configs", "cpu_gloo.json"),
                    help="DeepSpeed JSON with a sequence_parallel section (see configs/)")
     sp_ds.add_argparse_args(p)  # --sequence-parallel-size, -layout, -attention, ... override it
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.out is None:  # the run is named after its data (the plot titles use the name)
+        name = os.path.splitext(os.path.basename(args.data))[0] if args.data else "passkey"
+        args.out = os.path.join("runs", name)
+    return args
 
 
 def build_model(args, vocab_size: int):

@@ -7,7 +7,7 @@
 ``SPTrainer`` patches the model's attention and loss, shards every batch for this SP rank
 (samples split over the DP group only) and, under DDP, sums gradients over the SP ranks. With
 ``--deepspeed_config`` the Trainer runs DeepSpeed (through accelerate) and
-``setup_sequence_parallel`` hands it the SP x DP groups read from the file's
+``SPTrainer`` hands it the SP x DP groups (``setup_sequence_parallel``) read from the file's
 ``"sequence_parallel"`` section. Without it the SP size is ``--sequence-parallel-size``.
 """
 
@@ -80,7 +80,7 @@ def trainer_ds_config(path: str) -> dict:
 def train(args) -> dict:
     from transformers import TrainingArguments
 
-    from seqpar_ring.integrations.hf import SPDataCollator, patch
+    from seqpar_ring.integrations.hf import SPDataCollator
     from seqpar_ring.integrations.hf_trainer import SPTrainer
 
     model = finetune.build_model(args, len(passkey.VOCAB))
@@ -103,14 +103,8 @@ def train(args) -> dict:
         sp_cfg = SeqParConfig(sp_size=args.sp_size, layout=args.layout)
     data = passkey.PasskeyDataset(args.steps * args.batch_size * 8, args.seq_len, args.digits,
                                   seed=args.seed + 1)
+    # under DeepSpeed, SPTrainer hands DeepSpeed the SP x DP groups as its mpu itself
     trainer = SPTrainer(model=model, args=targs, train_dataset=data, sp_config=sp_cfg)
-    if args.deepspeed_config:
-        # DeepSpeed needs our groups as its mpu (accelerate calls deepspeed.initialize without
-        # one); the Trainer's attention must use the same groups object.
-        from seqpar_ring.integrations.accelerate import setup_sequence_parallel
-
-        sp_cfg, groups = setup_sequence_parallel(trainer.accelerator, model, patch_model=False)
-        trainer.sp_groups = patch(model, sp_cfg, groups)
     trainer.train()
 
     # evaluation: the same passkey table as finetune.py (each rank feeds its shard)

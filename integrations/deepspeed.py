@@ -47,6 +47,7 @@ from seqpar_ring.config import SeqParConfig
 from seqpar_ring.groups import SPGroups
 
 from .ds_checkpoint import load_checkpoint, save_checkpoint
+from .hf_grads import mark_reduced_by
 from .ds_config import (
     DS_SIZE_KEY,
     SECTION,
@@ -152,12 +153,33 @@ def prepare_model_for_zero3(model: nn.Module, ds: Mapping[str, Any], groups: SPG
 
 
 def _init_distributed(dist_backend: str | None) -> None:
-    if dist.is_available() and dist.is_initialized():
-        return
+    """DeepSpeed's communication backend over the process group (started here if needed)."""
     import deepspeed
 
-    # DeepSpeed picks the accelerator's backend (nccl on CUDA, gloo on CPU) when None.
+    # DeepSpeed picks the accelerator's backend (nccl on CUDA, gloo on CPU) when None; over an
+    # existing torch.distributed group it only wraps it.
     deepspeed.init_distributed(dist_backend=dist_backend)
+    prefer_current_collectives()
+
+
+def prefer_current_collectives() -> None:
+    """Point DeepSpeed's torch backend at torch's current collective names.
+
+    DeepSpeed 0.19.8 binds ``torch.distributed.all_gather_into_tensor`` and
+    ``reduce_scatter_tensor``, which torch 2.13 deprecates in favour of ``all_gather_single`` /
+    ``reduce_scatter_single`` (same arguments, same result): every rank printed a FutureWarning
+    at its first ZeRO step. Only the exact deprecated functions are replaced.
+    """
+    from deepspeed import comm as ds_comm
+
+    cdb = getattr(ds_comm.comm, "cdb", None)
+    for attr, old, new in (("all_gather_function", "all_gather_into_tensor", "all_gather_single"),
+                           ("reduce_scatter_function", "reduce_scatter_tensor",
+                            "reduce_scatter_single")):
+        current, replacement = getattr(dist, old, None), getattr(dist, new, None)
+        if cdb is not None and replacement is not None and current is not None \
+                and getattr(cdb, attr, None) is current:
+            setattr(cdb, attr, replacement)
 
 
 def initialize(
@@ -208,6 +230,7 @@ def initialize(
         from .hf import patch
 
         patch(model, sp_cfg, groups)
+    mark_reduced_by(model, "deepspeed", groups)  # its mpu sums over SP: no second sum, no check
     if _zero_stage(ds) == 3:
         prepare_model_for_zero3(model, ds, groups)
     if args is not None:  # the config is passed resolved; DeepSpeed refuses both

@@ -67,6 +67,7 @@ _FLAGS: dict[str, tuple[str, Any, str]] = {
                        "Ulysses x ring: all-to-all factor u of the SP size (p = u x r), or auto"),
 }
 _LIST_FIELDS = ("segment_lengths", "dilation_rates")
+_LAUNCHER_FLAGS = ("--local_rank", "--local-rank")  # deepspeed / torch.distributed.launch
 
 
 def load_ds_config(config: str | os.PathLike | Mapping[str, Any] | None) -> dict[str, Any]:
@@ -130,12 +131,20 @@ def add_argparse_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     """Add the ``--sequence-parallel-*`` flags (a group, like deepspeed.add_config_arguments).
 
     Every flag defaults to None = "take the JSON value"; a given flag overrides the JSON.
+    Also accepts what launchers append to the script's arguments: ``--local_rank=N`` (the
+    ``deepspeed`` launcher) and ``--local-rank=N`` (``torch.distributed.launch``), as
+    ``args.local_rank`` (default -1), unless the parser already defines them.
     """
     group = parser.add_argument_group("sequence parallel (seqpar_ring)")
     for flag, (dest, typ, text) in _FLAGS.items():
         nargs = "+" if dest in _LIST_FIELDS else None
         group.add_argument(flag, dest=f"sp_{dest}" if dest != "sp_size" else dest, type=typ,
                            nargs=nargs, default=None, help=f"{text} (overrides {SECTION}.*)")
+    taken = set(parser._option_string_actions)  # argparse has no public lookup of options
+    missing = [flag for flag in _LAUNCHER_FLAGS if flag not in taken]
+    if missing:
+        group.add_argument(*missing, dest="local_rank", type=int, default=-1,
+                           help="set by the launcher (this process's rank on its node)")
     return parser
 
 
