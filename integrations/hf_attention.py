@@ -55,6 +55,7 @@ class SPState:
     groups: SPGroups | None
     calls: int = 0  # attention calls since the model's last forward began (routing check)
     agreed: bool = False
+    docs: torch.Tensor | None = None  # document ids the hook derived for this forward
     _cache: tuple = field(default=(), repr=False)  # (position_ids, version, mask, doc_ids)
 
     @property
@@ -159,7 +160,7 @@ def doc_ids_from_positions(
     return doc if pad is None else doc.masked_fill(pad, -1)
 
 
-def _derive_doc_ids(state: SPState, position_ids, attention_mask, batch: int):
+def derive_doc_ids(state: SPState, position_ids, attention_mask, batch: int):
     """doc ids of this rank's tokens from the gathered global rows (one all-gather per forward)."""
     cached = state._cache
     if cached and cached[0] is position_ids and cached[2] is attention_mask and (
@@ -244,9 +245,10 @@ def seqpar_ring_attention(
     _check_call(state, module, attention_mask, dropout, seq, kwargs)
     doc_ids = kwargs.get(DOC_IDS_KEY)
     if doc_ids is None:
-        doc_ids = _derive_doc_ids(state, kwargs.get("position_ids"), attention_mask,
-                                  query.shape[0])
-    if doc_ids is not None:
+        # derived once per forward by the model's hook; per call only for unhooked models
+        doc_ids = state.docs if state.agreed else derive_doc_ids(
+            state, kwargs.get("position_ids"), attention_mask, query.shape[0])
+    if doc_ids is not None and (doc_ids.device != query.device or doc_ids.dtype != torch.long):
         doc_ids = doc_ids.to(device=query.device, dtype=torch.long)
     out = sp_attention(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), state.config,

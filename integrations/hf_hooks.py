@@ -22,7 +22,7 @@ from torch import nn
 from seqpar_ring.agreement import agree, collect_error, fingerprint
 from seqpar_ring.config import LAYOUTS
 
-from .hf_attention import ATTN_NAME, DOC_IDS_KEY, LAYOUT_KEY, SPState, state_of
+from .hf_attention import ATTN_NAME, DOC_IDS_KEY, LAYOUT_KEY, SPState, derive_doc_ids, state_of
 
 __all__ = ["install", "layout_tag"]
 
@@ -47,7 +47,7 @@ def _model_fingerprint(module: nn.Module) -> int:
 
 def _pre_forward(module: nn.Module, args: tuple, kwargs: dict):
     state = state_of(module)
-    state.calls, state.agreed = 0, False
+    state.calls, state.agreed, state.docs = 0, False, None
     bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
     extra = bound.get("kwargs", {}) if isinstance(bound.get("kwargs"), dict) else {}
     get = lambda name: bound.get(name, extra.get(name, kwargs.get(name)))  # noqa: E731
@@ -61,6 +61,11 @@ def _pre_forward(module: nn.Module, args: tuple, kwargs: dict):
         "attention_mask": _shape(get("attention_mask")), "batch_tagged": tag is not None,
         "backward": torch.is_grad_enabled(),
     }, error=error, timeout_s=state.config.comm_timeout_s)
+    # Document ids the attention layers need, once for the whole forward (collator batches
+    # carry them; otherwise from the gathered global positions) — none inside the layers.
+    state.docs = None
+    if docs is None and pos is not None and ids is not None:
+        state.docs = derive_doc_ids(state, pos, get("attention_mask"), ids.shape[0])
     state.agreed = True
     return None
 

@@ -23,7 +23,19 @@ import torch.distributed as dist
 
 from . import comm as C
 
-__all__ = ["AgreementError", "agree", "collect_error", "fingerprint"]
+__all__ = ["AgreementError", "agree", "collect_error", "fingerprint", "stats"]
+
+
+class _Stats:
+    """How many agreement exchanges this process made (to check the hot path has none)."""
+
+    exchanges: int = 0
+
+    def reset(self) -> None:
+        self.exchanges = 0
+
+
+stats = _Stats()
 
 
 class AgreementError(ValueError):
@@ -62,6 +74,7 @@ def agree(group, what: str, fields: Mapping[str, Any], *, error: str | None = No
         return
     keys = sorted(fields)
     op = fingerprint((what, *keys))
+    stats.exchanges += 1
     device = C.comm_device(group)
     local = torch.tensor([op, int(error is not None)] + [fingerprint(fields[k]) for k in keys],
                          dtype=torch.int64)

@@ -136,6 +136,7 @@ def _entry(doc_ids: torch.Tensor, group, layout: str):
     return entry
 
 
+@torch.compiler.disable  # host work once per batch: outside any compiled graph
 def single_document(doc_ids: torch.Tensor, group, layout: str, causal: bool) -> bool:
     """Is every row one document covering it (after the padding rules)? E.g. right-padded
     rows under causal attention. Cached like `documents_for`."""
@@ -146,6 +147,7 @@ def single_document(doc_ids: torch.Tensor, group, layout: str, causal: bool) -> 
     return plans[key]
 
 
+@torch.compiler.disable  # host work once per batch: outside any compiled graph
 def documents_for(doc_ids: torch.Tensor, group, layout: str, causal: bool,
                   origins: Sequence[int], me: int, chunks_of: Callable[[int], Chunks],
                   min_dense: int | None = None) -> DocPlan:
