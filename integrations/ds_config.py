@@ -51,6 +51,11 @@ _FLAGS: dict[str, tuple[str, type, str]] = {
     "--dilation-rates": ("dilation_rates", int, "dilated: one rate per segment, e.g. 1 2"),
     "--sequence-parallel-bucket-size": ("bucket_size", int, "torch kernel tile in tokens"),
     "--sequence-parallel-kernel": ("kernel", str, "auto | torch | cudnn | flash | flex"),
+    # booleans: --X / --no-X. Named with the common prefix, so a short form such as
+    # "--offload" or "--tiled" is never taken by argparse's prefix matching for these flags
+    "--sequence-parallel-activation-offload": (
+        "activation_offload", bool, "checkpointed layer inputs in pinned host memory"),
+    "--sequence-parallel-tiled-mlp": ("tiled_mlp", bool, "decoder MLPs over sequence tiles"),
 }
 _LIST_FIELDS = ("segment_lengths", "dilation_rates")
 
@@ -119,9 +124,14 @@ def add_argparse_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     """
     group = parser.add_argument_group("sequence parallel (seqpar_ring)")
     for flag, (dest, typ, text) in _FLAGS.items():
+        name = f"sp_{dest}" if dest != "sp_size" else dest
+        if typ is bool:
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                               default=None, help=f"{text} (overrides {SECTION}.*)")
+            continue
         nargs = "+" if dest in _LIST_FIELDS else None
-        group.add_argument(flag, dest=f"sp_{dest}" if dest != "sp_size" else dest, type=typ,
-                           nargs=nargs, default=None, help=f"{text} (overrides {SECTION}.*)")
+        group.add_argument(flag, dest=name, type=typ, nargs=nargs, default=None,
+                           help=f"{text} (overrides {SECTION}.*)")
     return parser
 
 

@@ -139,4 +139,6 @@ def patch(model: nn.Module, config: SeqParConfig, groups: SPGroups | None = None
         inner.register_forward_pre_hook(_pre_forward, with_kwargs=True),
         inner.register_forward_hook(_post_forward),
     ))
+    from .hf_reach import apply as apply_reach  # activation_offload, tiled_mlp (hf_reach.py)
+    apply_reach(inner, config)
     return groups

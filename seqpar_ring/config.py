@@ -57,6 +57,12 @@ class SeqParConfig:
         bucket_size: tile of the pure-torch kernel in tokens; None = whole block.
         kernel: local block kernel: ``"auto"``, ``"torch"``, ``"cudnn"``, ``"flash"``, ``"flex"``.
         comm_timeout_s: how long a ring exchange may wait before raising instead of hanging.
+        activation_offload: keep each checkpointed decoder layer's input in pinned host memory
+            between its forward and its recompute (`seqpar_ring.offload`; needs gradient
+            checkpointing). Frees layers x tokens x hidden of GPU memory for host memory and
+            PCIe copies that overlap compute.
+        tiled_mlp: compute each decoder MLP over tiles of tokens with recompute in backward
+            (`seqpar_ring.tiled_mlp`): one tile's intermediate activations at a time.
     """
 
     sp_size: int = 1
@@ -68,6 +74,8 @@ class SeqParConfig:
     bucket_size: int | None = None
     kernel: str = "auto"
     comm_timeout_s: float = 600.0
+    activation_offload: bool = False
+    tiled_mlp: bool = False
 
     def __post_init__(self) -> None:
         if not _is_int(self.sp_size) or self.sp_size < 1:
@@ -94,6 +102,11 @@ class SeqParConfig:
             raise ValueError(
                 f"{_SECTION}.comm_timeout_s={t!r} must be a finite number of seconds > 0"
             )
+        for key in ("activation_offload", "tiled_mlp"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(
+                    f"{_SECTION}.{key}={getattr(self, key)!r} must be true or false"
+                )
         # frozen dataclass: normalise lists (from JSON) to tuples through object.__setattr__
         seg = _as_int_tuple("segment_lengths", self.segment_lengths)
         dil = _as_int_tuple("dilation_rates", self.dilation_rates)

@@ -11,9 +11,16 @@ default llama-1.1b), bf16, DeepSpeed ZeRO-3, gradient checkpointing, one sample 
 * ``alst``: DeepSpeed's Ulysses (``UlyssesSPAttentionHF.register_with_transformers`` over
   SDPA) + its ``TiledFusedLogitsLoss``, the same model, config and machine.
 
-Each point reports tokens/s, peak allocated GiB and the planner's estimate; a failure (OOM or
-anything else) is caught, reported in the table and the engine rebuilt. ``--find-max`` doubles
-the length until a step fails or exceeds ``--budget-s``, then bisects. CPU smoke test:
+Each point reports tokens/s, peak allocated GiB (max over ranks), peak host GiB per rank and
+the planner's estimates; a failure (OOM or anything else) is caught, reported in the table and
+the engine rebuilt. ``--find-max`` with ring attention doubles the length until a step fails or
+exceeds ``--budget-s``, then bisects; with ``--attention dilated`` it runs the reach
+demonstration of ``bench/reach.py`` (a dilated step at the planner's longest dense length, a
+dense attention layer at that length, the planner's dense figure).
+
+Reach options (ours only): ``--activation-offload on`` (checkpointed layer inputs in pinned
+host memory), ``both`` (each point without, then with, on the same engine: the offload's
+throughput cost), ``--tiled-mlp``. CPU smoke test:
 ``torchrun --nproc_per_node 2 -m seqpar_ring.bench e2e --model tiny --seq 256 512``.
 """
 
@@ -31,9 +38,11 @@ import torch
 import torch.distributed as dist
 
 from .. import plan as planner
+from . import reach
 from .common import init_from_env, peak_gib, print_table, reset_peak, sync, write_json
 
-COLUMNS = ["impl", "seq_len", "tokens_per_s", "step_s", "peak_gib", "plan_gib", "loss", "status"]
+COLUMNS = ["impl", "offload", "seq_len", "tokens_per_s", "step_s", "peak_gib", "plan_gib",
+           "host_gib", "plan_host_gib", "loss", "status"]
 
 
 def ds_config(a, world: int, cuda: bool) -> dict:
@@ -71,6 +80,11 @@ class Impl:
     def __init__(self, a, spec, world, rank, dev):
         self.a, self.spec, self.world, self.rank, self.dev = a, spec, world, rank, dev
         self.engine = None
+        self.host = reach.HostPeak(dev)
+
+    def offload(self):
+        """Our ActivationOffload on the engine's model (None: not installed)."""
+        return None
 
     def teardown(self) -> None:
         if self.engine is not None and hasattr(self.engine, "destroy"):
@@ -98,19 +112,25 @@ class SeqPar(Impl):
 
         a = self.a
         section = {"size": self.world, "attention": a.attention, "layout": a.layout,
-                   "kernel": a.kernel}
+                   "kernel": a.kernel, "activation_offload": a.activation_offload != "off",
+                   "tiled_mlp": a.tiled_mlp}
         if a.attention == "dilated":
             section.update(segment_lengths=a.segments, dilation_rates=a.rates)
         cfg = SeqParConfig.from_dict({k: v for k, v in section.items() if k != "size"}
                                      | {"sp_size": self.world})
         self.layout, self.divisor = cfg.layout, cfg.seq_len_divisor
-        groups = initialize(self.world)  # the same groups integrations.deepspeed will use
+        groups = self.groups = initialize(self.world)  # the ones integrations.deepspeed uses
         model = build_model(self.spec, a.torch_dtype, "sdpa")
         enable_tiled_loss(model, a.loss_tile, groups)  # before ZeRO-3 hooks are attached
         config = {**ds_config(a, self.world, self.dev.type == "cuda"),
                   "sequence_parallel": section}
         self.engine = ds_initialize(model=model, config=config,
                                     model_parameters=model.parameters())[0]
+
+    def offload(self):
+        from ..integrations.hf_reach import get_activation_offload
+
+        return None if self.engine is None else get_activation_offload(self.engine.module)
 
     def step(self, b: dict) -> float:
         loss = self.engine(**b, use_cache=False).loss
@@ -188,23 +208,30 @@ def _agree_failed(failed: bool, dev) -> bool:
     return bool(flag.item())
 
 
-def run_point(impl: Impl, seq: int, a, *, steps: int) -> dict:
-    """Warm-up step + up to ``steps`` timed steps within ``a.budget_s``; errors become rows."""
-    row = {"impl": a.impl_name, "seq_len": seq, "status": "ok"}
-    dilated = a.impl_name == "seqpar" and a.attention == "dilated"
-    o = planner.PlanOptions(gpus=impl.world, zero=a.zero, dtype=a.dtype, loss_tile=a.loss_tile,
-                            layout=getattr(impl, "layout", "zigzag"), reserve_gib=0.0,
-                            attention="dilated" if dilated else "ring",
-                            dilation_rates=tuple(a.rates) if dilated else (),
-                            reduce_bucket=a.bucket, prefetch_bucket=a.bucket)
-    row["plan_gib"] = planner.estimate(impl.spec, seq, o).peak_gib if seq % impl.world == 0 \
-        else None
+def run_point(impl: Impl, seq: int, a, *, steps: int, offload: bool | None = None) -> dict:
+    """Warm-up step + up to ``steps`` timed steps within ``a.budget_s``; errors become rows.
+
+    ``offload``: switch our activation offload on/off for this point (None: as configured).
+    """
+    off = impl.offload()
+    if off is not None and offload is not None:
+        off.enabled = offload
+    on = off is not None and off.enabled
+    row = {"impl": a.impl_name, "seq_len": seq, "status": "ok", "world": impl.world,
+           "offload": ("on" if on else "off") if a.impl_name == "seqpar" else None}
+    o = reach.plan_options(impl, a, offload=on)
+    if seq % planner.seq_divisor(o) == 0:
+        pl = planner.estimate(impl.spec, seq, o)
+        row.update(plan_gib=pl.peak_gib, plan_host_gib=pl.host_gib)
     err = None
     try:
         if seq % impl.divisor:
             raise ValueError(f"seq_len must be a multiple of {impl.divisor}")
         b = impl.batch(seq)
         reset_peak(impl.dev)
+        impl.host.reset()
+        if off is not None:
+            off.stats.reset_peak()
         t0 = time.perf_counter()
         # the same batch every step: the losses must fall (a training sanity check on GPU)
         losses = [impl.step(b)]  # warm-up (the only step when it alone exhausts the budget)
@@ -218,8 +245,13 @@ def run_point(impl: Impl, seq: int, a, *, steps: int) -> dict:
             sync(impl.dev)
             times.append(time.perf_counter() - t0)
         step_s = statistics.median(times) if times else first
-        row.update(step_s=step_s, tokens_per_s=seq / step_s, peak_gib=peak_gib(impl.dev),
-                   loss=losses[-1], losses=losses, timed_steps=len(times) or 1)
+        host = impl.host.read()
+        offloaded = off.stats.host_peak_bytes / 2**30 if on else 0.0
+        gpu, host["host_gib"], offloaded = reach.all_ranks_max(
+            [peak_gib(impl.dev), host["host_gib"], offloaded], impl.dev)
+        row.update(step_s=step_s, tokens_per_s=seq / step_s, peak_gib=gpu, loss=losses[-1],
+                   losses=losses, timed_steps=len(times) or 1, offload_host_gib=offloaded,
+                   **host)
         if not times and steps > 0:
             row["status"] = "warm-up only (budget)"
     except Exception as e:  # noqa: BLE001 - any failure is a table row, not a crashed run
@@ -232,7 +264,14 @@ def run_point(impl: Impl, seq: int, a, *, steps: int) -> dict:
 
 
 def find_max(impl: Impl, a) -> tuple[int, list[dict]]:
-    """Doubling then bisection over multiples of the divisor; returns (longest ok, rows)."""
+    """Doubling then bisection over multiples of the divisor; returns (longest ok, rows).
+
+    Dilated attention (ours): the reach demonstration of ``bench/reach.py`` instead.
+    """
+    if a.impl_name == "seqpar" and a.attention == "dilated":
+        best, rows, summary = reach.find_max(impl, a, run_point)
+        a.reach_summary = summary
+        return best, rows
     rows, good, bad = [], 0, None
     seq = a.find_start
     while seq <= a.find_limit:
@@ -317,9 +356,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", default="zigzag", choices=("contiguous", "zigzag"))
     p.add_argument("--kernel", default="auto")
     p.add_argument("--loss-tile", type=int, default=None)
+    p.add_argument("--activation-offload", default="off", choices=("off", "on", "both"),
+                   help="ours: checkpointed layer inputs in pinned host memory; both: every "
+                   "point without, then with, on the same engine")
+    p.add_argument("--tiled-mlp", action=argparse.BooleanOptionalAction, default=False,
+                   help="ours: decoder MLPs over sequence tiles")
+    p.add_argument("--gpu-mem-gib", type=float, default=None,
+                   help="GPU memory the planner plans for (default: the device's)")
+    p.add_argument("--host-mem-gib", type=float, default=None,
+                   help="host memory per rank the planner plans for (default: this machine's "
+                   "memory or cgroup limit / local ranks)")
+    p.add_argument("--host-reserve-gib", type=float, default=planner.PlanOptions.host_reserve_gib,
+                   help="planner: host memory of the process besides offloaded tensors")
     p.add_argument("--out", default="e2e.json")
     p.add_argument("--plot", action="store_true", help="also write PNGs (rank 0)")
     return p
+
+
+def offload_costs(rows: list[dict]) -> list[str]:
+    """'tokens/s without -> with offload' for every length measured both ways."""
+    lines = []
+    for r in rows:
+        if r.get("offload") != "off" or r.get("status") != "ok":
+            continue
+        for w in rows:
+            if (w.get("offload"), w.get("seq_len"), w.get("impl"), w.get("status")) == (
+                    "on", r["seq_len"], r["impl"], "ok"):
+                cost = 1 - w["tokens_per_s"] / r["tokens_per_s"]
+                lines.append(f"activation offload at {r['seq_len']:,} tokens: "
+                             f"{r['tokens_per_s']:,.0f} -> {w['tokens_per_s']:,.0f} tokens/s "
+                             f"({100 * cost:+.1f}% cost), peak GPU {r['peak_gib']:.1f} -> "
+                             f"{w['peak_gib']:.1f} GiB")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -328,7 +396,7 @@ def main(argv: list[str] | None = None) -> None:
     a.dtype = a.dtype or ("bf16" if dev.type == "cuda" else "fp32")
     a.torch_dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     spec = planner.load_spec(a.model)
-    rows, maxima = [], {}
+    rows, maxima, last = [], {}, None
     for name in a.impl:
         a.impl_name = name
         impl = IMPLS[name](a, spec, world, rank, dev)
@@ -343,27 +411,39 @@ def main(argv: list[str] | None = None) -> None:
             warm = run_point(impl, a.warmup_seq, a, steps=0)
             if warm["status"] != "ok":
                 rows.append(dict(warm, status=f"warm-up: {warm['status']}"))
+        modes = [False, True] if name == "seqpar" and a.activation_offload == "both" else [None]
         for seq in a.seq:
-            rows.append(run_point(impl, seq, a, steps=a.steps))
-            if rank == 0:
-                print_table(rows[-1:], COLUMNS)
+            for mode in modes:  # same engine, offload switched: the A/B of its cost
+                rows.append(run_point(impl, seq, a, steps=a.steps, offload=mode))
+                if rank == 0:
+                    print_table(rows[-1:], COLUMNS)
         if a.find_max:
+            if modes != [None]:
+                impl.offload().enabled = True
             maxima[name], probes = find_max(impl, a)
             rows += [dict(r, status=f"probe: {r['status']}") for r in probes]
+        last = impl
         impl.teardown()
     if rank == 0:
         title = f"e2e: {a.model} {a.dtype} ZeRO-{a.zero} SP={world} on {dev.type}"
         print_table(rows, COLUMNS, title)
+        for line in offload_costs(rows):
+            print(line)
         for name, best in maxima.items():
             note = " (--find-limit reached)" if best * 2 > a.find_limit else ""
             print(f"longest trainable sequence ({name}): {best:,} tokens{note}")
-        o = planner.PlanOptions(gpus=world, zero=a.zero, dtype=a.dtype, layout=a.layout)
-        if dev.type == "cuda":
-            mem = torch.cuda.get_device_properties(dev).total_memory / 2**30
-            print(f"planner: longest that fits {mem:.0f} GiB: "
-                  f"{planner.max_seq_len(spec, o, mem):,} tokens")
-        write_json(a.out, {"args": {k: v for k, v in vars(a).items() if k != "torch_dtype"},
-                           "rows": rows, "max_seq_len": maxima})
+        summary = getattr(a, "reach_summary", None)
+        if summary is not None:
+            print(reach.format_summary(summary, a))
+        elif last is not None:
+            gpu, host = reach.budgets(last, a)
+            o = reach.plan_options(last, a)
+            best, limit = planner.reach(spec, o, gpu, host) if gpu else (0, "-")
+            print(f"planner ({a.impl_name}, {o.attention}): longest that fits {gpu:.0f} GiB GPU "
+                  f"and {host:.0f} GiB host per rank: {best:,} tokens ({limit})")
+        skip = ("torch_dtype", "reach_summary")
+        write_json(a.out, {"args": {k: v for k, v in vars(a).items() if k not in skip},
+                           "rows": rows, "max_seq_len": maxima, "reach": summary})
         if a.plot:
             plot(a.out)
     if dist.is_initialized():
