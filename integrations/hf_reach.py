@@ -15,8 +15,10 @@ transformers' own ``offload=True``, whose inner hooks would take precedence).
 
 Tiled MLP (`seqpar_ring.tiled_mlp`) replaces the forward of each decoder layer's ``mlp``
 instance when it is a plain gated MLP (Llama, Mistral, Qwen2/3 and alike) and marks it a
-DeepSpeed ZeRO-3 leaf module, so ZeRO-3 gathers its three weights around its forward and
-backward as one (must happen before ``deepspeed.initialize``, as `patch` is).
+DeepSpeed ZeRO-3 leaf module, so ZeRO-3 gathers its three weights together around the MLP's
+forward and backward (the tiles use the weights, not the projection modules, whose own hooks
+would never run; DeepSpeed would otherwise gather each weight on first access as an "external
+parameter"). Marking must happen before ``deepspeed.initialize``, as `patch` does.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ memory is the input, the output gradient and one tile's intermediates.
 
 Parameter gradients are summed over tiles in fp32 and returned once, as ordinary autograd
 gradients of the weights: hooks on the parameters (DeepSpeed's, ``register_hook``) fire once
-per backward as with the plain module. Under ZeRO-3 the module must be gathered whole around
+per backward as with the plain module. Under ZeRO-3 the module is best gathered whole around
 its forward and backward (the tiles use the weights directly, not the child modules):
 `seqpar_ring.integrations.hf_reach` marks it a DeepSpeed "leaf" module for that.
 
@@ -75,10 +75,9 @@ class _TiledGatedMLP(torch.autograd.Function):
                                         acc(need_bu, bu), acc(need_wd, wd), acc(need_bd, bd))
         for s in range(0, x.shape[0], ctx.tile):
             xt, dyt = x[s:s + ctx.tile], dy[s:s + ctx.tile]
-            u = _lin(xt, wu, bu)
-            with torch.enable_grad():
-                h = _lin(xt, wg, bg).detach().requires_grad_()
-                a = ctx.act(h)
+            u, h = _lin(xt, wu, bu), _lin(xt, wg, bg)  # grad mode is off in backward
+            with torch.enable_grad():  # only the activation's derivative goes through autograd
+                a = ctx.act(h.requires_grad_())
             if gwd is not None:
                 gwd += (dyt.t() @ (a.detach() * u)).to(gwd.dtype)
             if gbd is not None:
@@ -176,14 +175,18 @@ def _check_expression(module: nn.Module) -> None:
 def tile_gated_mlp(module: nn.Module, tile_size: int | None = None) -> nn.Module:
     """Make ``module`` (a gated MLP, see `is_gated_mlp`) compute its forward over tiles.
 
-    Only this instance's ``forward`` changes; calling it again updates the tile size.
+    Only this instance's ``forward`` changes. Calling it again on a tiled module sets the tile
+    size to ``tile_size`` (None keeps the current one).
     """
     if not is_gated_mlp(module):
         raise ValueError(f"{type(module).__name__} is not a plain gated MLP (nn.Linear gate_proj, "
                          "up_proj, down_proj and a parameter-free act_fn, no dropout, no "
                          "adapters): it cannot be tiled; set tiled_mlp=false")
-    if not is_tiled(module):
-        _check_expression(module)
+    if is_tiled(module):
+        if tile_size is not None:
+            module.forward.tile_size = tile_size
+        return module
+    _check_expression(module)
     module.forward = _TiledForward(module, tile_size)
     return module
 
