@@ -268,3 +268,33 @@ def _two_rank_cases(rank, world):
 
 def test_two_ranks_ring_dilated_zero3():
     run_distributed(_two_rank_cases, 2, timeout=240)
+
+
+# --- CUDA (skipped on CPU): streams, pinned pieces, prefetch -----------------------------
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bit_identical_with_streams_and_pinned_pieces():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from seqpar_ring.integrations.hf_reach import enable_activation_offload
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=1024, intermediate_size=2048,
+                      num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2,
+                      max_position_embeddings=4096, attention_dropout=0.0)
+    # eager attention: no atomics in its backward, so two runs can be compared bit for bit
+    base = LlamaForCausalLM._from_config(cfg, attn_implementation="eager")
+    base = base.to("cuda", torch.bfloat16).train()
+    ids = torch.randint(0, 256, (1, 3000), device="cuda")  # 6,144,000 B per input: 3 pieces
+    results = []
+    for on in (False, True):
+        model = copy.deepcopy(base)
+        model.gradient_checkpointing_enable()
+        off = enable_activation_offload(model) if on else None
+        for _ in range(2):  # the second step reuses cached pinned blocks
+            results.append(_run(model, {"input_ids": ids, "labels": ids}))
+        torch.cuda.synchronize()
+    assert _same(results[0], results[2]) and _same(results[1], results[3])
+    s = off.stats
+    assert (s.packed, s.fetched, s.prefetched, s.host_bytes) == (6, 6, 4, 0)
+    assert s.host_peak_bytes == 3 * 3000 * 1024 * 2
+    assert host_pieces(3000 * 1024 * 2) == [2**22, 2**21, 3000 * 1024 * 2 - 2**22 - 2**21]

@@ -152,3 +152,20 @@ def test_model_switch_keeps_state_and_rng():
     bad.model.layers[1].mlp.dropout = nn.Dropout(0.5)
     with pytest.raises(ValueError, match="not plain gated MLPs"):
         hf_reach.enable_tiled_mlp(bad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_close_to_plain():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_attention_heads=8)
+    plain = LlamaMLP(cfg).to("cuda", torch.bfloat16)
+    tiled = tile_gated_mlp(copy.deepcopy(plain), 1000)
+    x = torch.randn(1, 4096, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    xt = x.detach().clone().requires_grad_()
+    y, yt = plain(x), tiled(xt)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    yt.backward(dy)
+    assert _rel(yt.float(), y.float()) <= 1e-2 and _rel(xt.grad.float(), x.grad.float()) <= 2e-2
+    for p, q in zip(plain.parameters(), tiled.parameters()):
+        assert _rel(q.grad.float(), p.grad.float()) <= 2e-2
