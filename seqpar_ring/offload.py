@@ -30,6 +30,7 @@ On CPU tensors the same code runs with plain copies (no streams), so CPU tests e
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
 from dataclasses import dataclass
@@ -92,7 +93,7 @@ class _Packed:
             stream.wait_stream(torch.cuda.current_stream(x.device))
             ctx = torch.cuda.stream(stream)
         else:
-            ctx = _nullcontext()
+            ctx = contextlib.nullcontext()
         with ctx:
             off = 0
             for n in host_pieces(self.nbytes):
@@ -151,14 +152,6 @@ class _Packed:
         s.fetched += 1
         s.prefetched += int(hit)
         return out
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 class ActivationOffload:

@@ -392,7 +392,7 @@ def offload_costs(rows: list[dict]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
-    rank, world, dev = init_from_env()
+    rank, world, dev = init_from_env(single_process_group=True)  # DeepSpeed needs a group
     a.dtype = a.dtype or ("bf16" if dev.type == "cuda" else "fp32")
     a.torch_dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     spec = planner.load_spec(a.model)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -184,12 +185,14 @@ def find_max(impl, a, run_point) -> tuple[int, list[dict], dict]:
     spec = impl.spec
     dense_o = plan_options(impl, a, attention="ring")
     dil_o = plan_options(impl, a, attention="dilated")
-    dense_max, dense_limit = planner.reach(spec, dense_o, gpu, host)
-    dil_max, dil_limit = planner.reach(spec, dil_o, gpu, host)
+    reserve = planner.PlanOptions.reserve_gib  # what fits leaves the planner's usual reserve
+    dense_max, dense_limit = planner.reach(spec, replace(dense_o, reserve_gib=reserve), gpu, host)
+    dil_max, dil_limit = planner.reach(spec, replace(dil_o, reserve_gib=reserve), gpu, host)
     div = math.lcm(impl.divisor, 2 * impl.world)
     seq = round_for_schedule(min(dense_max, a.find_limit), div, a.segments)
     rows: list[dict] = []
-    summary = {"gpu_mem_gib": gpu, "host_mem_gib": host, "planner_dense_max": dense_max,
+    summary = {"gpu_mem_gib": gpu, "host_mem_gib": host, "reserve_gib": reserve,
+               "planner_dense_max": dense_max,
                "planner_dense_limit": dense_limit, "planner_dilated_max": dil_max,
                "planner_dilated_limit": dil_limit}
     shown = 0
@@ -224,7 +227,8 @@ def format_summary(s: dict, a) -> str:
     if "seq_len" not in s:
         return (f"reach: no dilated step passed between {a.find_start:,} and the planner's "
                 f"{s['planner_dense_max']:,} tokens")
-    st, ck, gpu, host = s["step"], s["attention_check"], s["gpu_mem_gib"], s["host_mem_gib"]
+    st, ck, host = s["step"], s["attention_check"], s["host_mem_gib"]
+    gpu = s["gpu_mem_gib"] - s["reserve_gib"]  # what the planner lets a step use
     opts = ", ".join(n for n, on in (("activation offload", a.activation_offload != "off"),
                                      ("tiled MLP", a.tiled_mlp)) if on) or "no reach options"
 
@@ -239,7 +243,8 @@ def format_summary(s: dict, a) -> str:
     verdict = "fits" if dense_fits else "DOES NOT FIT"
     lines = [
         f"reach at {s['seq_len']:,} tokens ({a.model}, SP={st['world']}, {opts}; "
-        f"{gpu:.0f} GiB GPU, {host:.0f} GiB host per rank):",
+        f"{s['gpu_mem_gib']:.1f} GiB GPU less {s['reserve_gib']:g} reserve, {host:.0f} GiB host "
+        "per rank):",
         f"  dilated training step: {f(st['step_s'])} s/step, {st['tokens_per_s']:,.0f} tokens/s",
         f"    GPU peak:  {vs(st['peak_gib'], st['plan_gib'])}",
         f"    host peak: {vs(st['host_gib'], st['plan_host_gib'])}; resident set "
