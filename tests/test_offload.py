@@ -190,6 +190,11 @@ def test_config_keys_and_flags():
     cfg, _ = sp_ds.config_from_args(args, {"sequence_parallel": {"tiled_mlp": True}})
     assert cfg.activation_offload and not cfg.tiled_mlp  # flags override the JSON
     assert sp_ds.config_from_args(parser.parse_args([]), {})[0] == SeqParConfig()
+    from seqpar_ring.integrations import hf_reach
+
+    for key in ("activation_offload", "tiled_mlp"):  # a model without HF decoder layers
+        with pytest.raises(ValueError, match=f"{key}: .*set {key}=false"):
+            hf_reach.apply(nn.Linear(2, 2), SeqParConfig(**{key: True}))
     for short in ("--offload", "--tiled-mlp", "--activation-offload"):
         with pytest.raises(SystemExit):  # never taken as a prefix of our flags
             parser.parse_args([short])
