@@ -33,6 +33,7 @@ import math
 import statistics
 import time
 import traceback
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -223,7 +224,7 @@ def run_point(impl: Impl, seq: int, a, *, steps: int, offload: bool | None = Non
     if seq % planner.seq_divisor(o) == 0:
         pl = planner.estimate(impl.spec, seq, o)
         row.update(plan_gib=pl.peak_gib, plan_host_gib=pl.host_gib)
-    err = None
+    err, peaks = None, None
     try:
         if seq % impl.divisor:
             raise ValueError(f"seq_len must be a multiple of {impl.divisor}")
@@ -246,12 +247,10 @@ def run_point(impl: Impl, seq: int, a, *, steps: int, offload: bool | None = Non
             times.append(time.perf_counter() - t0)
         step_s = statistics.median(times) if times else first
         host = impl.host.read()
-        offloaded = off.stats.host_peak_bytes / 2**30 if on else 0.0
-        gpu, host["host_gib"], offloaded = reach.all_ranks_max(
-            [peak_gib(impl.dev), host["host_gib"], offloaded], impl.dev)
-        row.update(step_s=step_s, tokens_per_s=seq / step_s, peak_gib=gpu, loss=losses[-1],
-                   losses=losses, timed_steps=len(times) or 1, offload_host_gib=offloaded,
-                   **host)
+        peaks = [peak_gib(impl.dev), host.pop("host_gib"),
+                 off.stats.host_peak_bytes / 2**30 if on else 0.0]
+        row.update(step_s=step_s, tokens_per_s=seq / step_s, loss=losses[-1], losses=losses,
+                   timed_steps=len(times) or 1, **host)
         if not times and steps > 0:
             row["status"] = "warm-up only (budget)"
     except Exception as e:  # noqa: BLE001 - any failure is a table row, not a crashed run
@@ -260,6 +259,9 @@ def run_point(impl: Impl, seq: int, a, *, steps: int, offload: bool | None = Non
         row["status"] = err or "failed on another rank"
         impl.teardown()
         impl.setup()
+    else:  # every rank has its peaks: the per-GPU / per-rank figure is the largest
+        keys = ("peak_gib", "host_gib", "offload_host_gib")
+        row.update(zip(keys, reach.all_ranks_max(peaks, impl.dev)))
     return row
 
 
@@ -435,10 +437,10 @@ def main(argv: list[str] | None = None) -> None:
         summary = getattr(a, "reach_summary", None)
         if summary is not None:
             print(reach.format_summary(summary, a))
-        elif last is not None:
+        elif last is not None and reach.budgets(last, a)[0]:  # a GPU (or --gpu-mem-gib)
             gpu, host = reach.budgets(last, a)
-            o = reach.plan_options(last, a)
-            best, limit = planner.reach(spec, o, gpu, host) if gpu else (0, "-")
+            o = replace(reach.plan_options(last, a), reserve_gib=planner.PlanOptions.reserve_gib)
+            best, limit = planner.reach(spec, o, gpu, host)
             print(f"planner ({a.impl_name}, {o.attention}): longest that fits {gpu:.0f} GiB GPU "
                   f"and {host:.0f} GiB host per rank: {best:,} tokens ({limit})")
         skip = ("torch_dtype", "reach_summary")
