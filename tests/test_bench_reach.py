@@ -43,3 +43,21 @@ def test_offload_cost_lines():
     assert e2e.offload_costs(rows) == [
         "activation offload at 8 tokens: 100 -> 95 tokens/s (+5.0% cost), peak GPU 10.0 -> "
         "6.0 GiB"]
+
+
+def test_plan_options_follow_the_run():
+    class Run:  # what plan_options reads from an engine wrapper
+        world, layout = 2, "contiguous"
+
+    a = e2e.build_parser().parse_args(["--attention", "dilated", "--rates", "1", "2",
+                                       "--segments", "8", "16", "--activation-offload", "on",
+                                       "--tiled-mlp"])
+    a.impl_name, a.dtype = "seqpar", "bf16"
+    dil, dense = reach.plan_options(Run, a), reach.plan_options(Run, a, attention="ring")
+    assert (dil.attention, dil.layout, dil.dilation_rates) == ("dilated", "contiguous", (1, 2))
+    assert (dense.attention, dense.layout, dense.dilation_rates) == ("ring", "zigzag", ())
+    assert dil.activation_offload and dil.tiled_mlp and dil.reserve_gib == 0
+    assert not reach.plan_options(Run, a, offload=False).activation_offload
+    a.impl_name = "alst"  # the reach options are ours only
+    alst = reach.plan_options(Run, a)
+    assert not alst.activation_offload and not alst.tiled_mlp and alst.attention == "ring"

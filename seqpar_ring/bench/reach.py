@@ -109,10 +109,13 @@ def plan_options(impl, a, *, attention: str | None = None,
     dilated = seqpar and attention == "dilated"
     if offload is None:
         offload = seqpar and a.activation_offload != "off"
+    layout = getattr(impl, "layout", "zigzag")  # what the engine runs
+    if dilated:
+        layout = "contiguous"
+    elif seqpar and a.attention == "dilated":
+        layout = "zigzag"  # the dense counterpart of a dilated run, as attention_check runs it
     return planner.PlanOptions(
-        gpus=impl.world, zero=a.zero, dtype=a.dtype, loss_tile=a.loss_tile,
-        layout="contiguous" if dilated else ("zigzag" if seqpar and attention == "ring"
-                                             else getattr(impl, "layout", "zigzag")),
+        gpus=impl.world, zero=a.zero, dtype=a.dtype, loss_tile=a.loss_tile, layout=layout,
         attention="dilated" if dilated else "ring",
         dilation_rates=tuple(a.rates) if dilated else (), reserve_gib=0.0,
         reduce_bucket=a.bucket, prefetch_bucket=a.bucket,
