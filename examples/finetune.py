@@ -44,10 +44,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "Llama built from LlamaConfig, nothing downloaded)")
     p.add_argument("--data", default=None, help="your .jsonl ('text') / .txt data, packed into "
                    "rows (default: the synthetic passkey task)")
-    p.add_argument("--out", default="runs/passkey", help="run dir: metrics, checkpoints")
+    p.add_argument("--out", default=None, help="run dir: metrics, checkpoints (default: "
+                   "runs/passkey, or runs/<data file name> with --data)")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per row (all SP ranks)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per step per SP group")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=600, help="optimizer steps")
     p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer "
                    "step (default: the config's gradient_accumulation_steps)")
     p.add_argument("--lr", type=float, default=None, help="default: 3e-3 for the tiny model, "
@@ -57,16 +58,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "shorter passkey rows (--seq-len/8, /4, /2); 0 = full length throughout")
     p.add_argument("--digits", type=int, default=4, help="passkey digits")
     p.add_argument("--eval-per-depth", type=int, default=16, help="eval rows per needle depth")
-    p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--log-every", type=int, default=20, help="print a line every N steps")
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (+end)")
     p.add_argument("--nproc", type=int, default=2, help="processes to spawn without a launcher")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="data and initialisation seed")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # deepspeed
     p.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)  # launcher habit
     p.add_argument("--deepspeed_config", default=os.path.join(ROOT, "configs", "cpu_gloo.json"),
                    help="DeepSpeed JSON with a sequence_parallel section (see configs/)")
     sp_ds.add_argparse_args(p)  # --sequence-parallel-size, -layout, -attention, ... override it
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.out is None:  # the run is named after its data (the plot titles use the name)
+        name = os.path.splitext(os.path.basename(args.data))[0] if args.data else "passkey"
+        args.out = os.path.join("runs", name)
+    return args
 
 
 def build_model(args, vocab_size: int):
@@ -269,7 +274,20 @@ def train(args) -> dict:
                   f"trained {args.steps} steps in {result['train_s']:.0f} s")
     if rank == 0:
         metrics.close()
+        _print_outputs(args)
     return result
+
+
+def _print_outputs(args) -> None:
+    """Where this run wrote what (rank 0, at the end)."""
+    ckpt = os.path.join(args.out, "checkpoints")
+    latest = os.path.join(ckpt, "latest")  # DeepSpeed names the newest tag there
+    tag = open(latest).read().strip() if os.path.isfile(latest) else "none"
+    print(f"\noutputs in {args.out}/:\n"
+          f"  metrics.jsonl  one line per step (loss, row length, lr, tokens/s) + the evaluation\n"
+          f"  args.json      this run's arguments and SP settings\n"
+          f"  checkpoints/   DeepSpeed checkpoints, latest {tag} (sp_ds.load_checkpoint resumes)\n"
+          f"plot: python -m seqpar_ring.plot {args.out}", flush=True)
 
 
 def _worker(rank: int, world: int, port: int, args) -> None:

@@ -7,7 +7,7 @@
 ``SPTrainer`` patches the model's attention and loss, shards every batch for this SP rank
 (samples split over the DP group only) and, under DDP, sums gradients over the SP ranks. With
 ``--deepspeed_config`` the Trainer runs DeepSpeed (through accelerate) and
-``setup_sequence_parallel`` hands it the SP x DP groups read from the file's
+``SPTrainer`` hands it the SP x DP groups (``setup_sequence_parallel``) read from the file's
 ``"sequence_parallel"`` section. Without it the SP size is ``--sequence-parallel-size``.
 """
 
@@ -31,23 +31,28 @@ from seqpar_ring.config import SeqParConfig  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="HF model (default: tiny random Llama)")
-    p.add_argument("--out", default="runs/passkey_trainer")
-    p.add_argument("--seq-len", type=int, default=256)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None, help="HF model name or path; None: a tiny "
+                   "random Llama, nothing downloaded")
+    p.add_argument("--out", default="runs/passkey_trainer", help="Trainer output_dir: "
+                   "checkpoints, metrics.jsonl")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per row (all SP ranks)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per device per step")
-    p.add_argument("--steps", type=int, default=800)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--digits", type=int, default=4)
-    p.add_argument("--eval-per-depth", type=int, default=16)
-    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--steps", type=int, default=800, help="optimizer steps (max_steps)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine schedule)")
+    p.add_argument("--digits", type=int, default=4, help="passkey digits")
+    p.add_argument("--eval-per-depth", type=int, default=16, help="eval rows per needle depth")
+    p.add_argument("--bf16", action="store_true", help="train in bf16 (GPU)")
     p.add_argument("--nproc", type=int, default=2, help="processes to spawn without a launcher")
     p.add_argument("--deepspeed_config", default=None, help="DeepSpeed JSON with a "
-                   "sequence_parallel section (default: plain DDP)")
+                   "sequence_parallel section; None: plain DDP")
     p.add_argument("--sequence-parallel-size", dest="sp_size", type=int, default=2,
                    help="SP size without --deepspeed_config")
-    p.add_argument("--sequence-parallel-layout", dest="layout", default="zigzag")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sequence-parallel-layout", dest="layout", default="zigzag",
+                   choices=("zigzag", "contiguous"), help="token layout without "
+                   "--deepspeed_config")
+    p.add_argument("--seed", type=int, default=0, help="data and initialisation seed")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -75,7 +80,7 @@ def trainer_ds_config(path: str) -> dict:
 def train(args) -> dict:
     from transformers import TrainingArguments
 
-    from seqpar_ring.integrations.hf import SPDataCollator, patch
+    from seqpar_ring.integrations.hf import SPDataCollator
     from seqpar_ring.integrations.hf_trainer import SPTrainer
 
     model = finetune.build_model(args, len(passkey.VOCAB))
@@ -98,14 +103,8 @@ def train(args) -> dict:
         sp_cfg = SeqParConfig(sp_size=args.sp_size, layout=args.layout)
     data = passkey.PasskeyDataset(args.steps * args.batch_size * 8, args.seq_len, args.digits,
                                   seed=args.seed + 1)
+    # under DeepSpeed, SPTrainer hands DeepSpeed the SP x DP groups as its mpu itself
     trainer = SPTrainer(model=model, args=targs, train_dataset=data, sp_config=sp_cfg)
-    if args.deepspeed_config:
-        # DeepSpeed needs our groups as its mpu (accelerate calls deepspeed.initialize without
-        # one); the Trainer's attention must use the same groups object.
-        from seqpar_ring.integrations.accelerate import setup_sequence_parallel
-
-        sp_cfg, groups = setup_sequence_parallel(trainer.accelerator, model, patch_model=False)
-        trainer.sp_groups = patch(model, sp_cfg, groups)
     trainer.train()
 
     # evaluation: the same passkey table as finetune.py (each rank feeds its shard)
@@ -123,6 +122,9 @@ def train(args) -> dict:
             f.write(json.dumps({"step": args.steps, "eval": result}) + "\n")
         if losses:
             print(f"logged loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+        print(f"outputs in {args.out}/: metrics.jsonl (logged losses + the evaluation), "
+              f"checkpoint-<step>/ (Trainer checkpoints); plot them with "
+              f"`python -m seqpar_ring.plot {args.out}`")
     return result
 
 

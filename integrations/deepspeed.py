@@ -47,6 +47,7 @@ from seqpar_ring.config import SeqParConfig
 from seqpar_ring.groups import SPGroups
 
 from .ds_checkpoint import load_checkpoint, save_checkpoint
+from .hf_grads import mark_reduced_by
 from .ds_config import (
     DS_SIZE_KEY,
     SECTION,
@@ -152,12 +153,33 @@ def prepare_model_for_zero3(model: nn.Module, ds: Mapping[str, Any], groups: SPG
 
 
 def _init_distributed(dist_backend: str | None) -> None:
-    if dist.is_available() and dist.is_initialized():
-        return
+    """DeepSpeed's communication backend over the process group (started here if needed)."""
     import deepspeed
 
-    # DeepSpeed picks the accelerator's backend (nccl on CUDA, gloo on CPU) when None.
+    # DeepSpeed picks the accelerator's backend (nccl on CUDA, gloo on CPU) when None; over an
+    # existing torch.distributed group it only wraps it.
     deepspeed.init_distributed(dist_backend=dist_backend)
+    prefer_current_collectives()
+
+
+def prefer_current_collectives() -> None:
+    """Point DeepSpeed's torch backend at torch's current collective names.
+
+    DeepSpeed 0.19.8 binds ``torch.distributed.all_gather_into_tensor`` and
+    ``reduce_scatter_tensor``, which torch 2.13 deprecates in favour of ``all_gather_single`` /
+    ``reduce_scatter_single`` (same arguments, same result): every rank printed a FutureWarning
+    at its first ZeRO step. Only the exact deprecated functions are replaced.
+    """
+    from deepspeed import comm as ds_comm
+
+    cdb = getattr(ds_comm.comm, "cdb", None)
+    for attr, old, new in (("all_gather_function", "all_gather_into_tensor", "all_gather_single"),
+                           ("reduce_scatter_function", "reduce_scatter_tensor",
+                            "reduce_scatter_single")):
+        current, replacement = getattr(dist, old, None), getattr(dist, new, None)
+        if cdb is not None and replacement is not None and current is not None \
+                and getattr(cdb, attr, None) is current:
+            setattr(cdb, attr, replacement)
 
 
 def initialize(
@@ -171,6 +193,7 @@ def initialize(
     *,
     patch_model: bool = True,
     dist_backend: str | None = None,
+    seq_len: int | None = None,
     **kwargs: Any,
 ) -> tuple:
     """`deepspeed.initialize` with sequence parallelism; returns what DeepSpeed returns.
@@ -182,6 +205,8 @@ def initialize(
     loss (``patch_model=False`` for a model that calls `seqpar_ring.modules.sp_attention`
     itself), prepare ZeRO-3, and call DeepSpeed with ``mpu=<the SPGroups>`` so its data
     parallel size is world / sp. The engine gets ``seqpar_config`` and ``seqpar_groups``.
+    ``seq_len`` (total tokens per sample) is needed only by ``ulysses_size="auto"``, which is
+    resolved here from the model's head counts (`seqpar_ring.tools.plan.resolve_ulysses_size`).
     Other keyword arguments go to `deepspeed.initialize`.
     """
     if model is None:
@@ -199,7 +224,8 @@ def initialize(
     # sequence_parallel_size; our mpu is the grid, so only the checked value may be dropped.
     ds.pop("data_parallel_size", None)
 
-    groups = sp_groups.initialize(sp_cfg.sp_size)
+    sp_cfg = _resolve_auto(sp_cfg, ds, model, seq_len)
+    groups = sp_groups.initialize(sp_cfg.sp_size, ulysses_size=sp_cfg.ulysses_size)
     if patch_model:
         from .hf import patch
 
@@ -208,6 +234,7 @@ def initialize(
         from .hf_reach import apply as apply_reach
 
         apply_reach(model, sp_cfg)
+    mark_reduced_by(model, "deepspeed", groups)  # its mpu sums over SP: no second sum, no check
     if _zero_stage(ds) == 3:
         prepare_model_for_zero3(model, ds, groups)
     if args is not None:  # the config is passed resolved; DeepSpeed refuses both
@@ -231,6 +258,18 @@ def initialize(
     engine.seqpar_config = sp_cfg
     engine.seqpar_groups = groups
     return out
+
+
+def _resolve_auto(cfg: SeqParConfig, ds: dict[str, Any], model: nn.Module,
+                  seq_len: int | None) -> SeqParConfig:
+    """Resolve ulysses_size='auto' (planner) and record the choice in the DeepSpeed dict."""
+    from seqpar_ring.tools.plan import resolve_ulysses_size
+
+    resolved = resolve_ulysses_size(cfg, model, seq_len)
+    if resolved is not cfg:
+        logger.info("ulysses_size='auto' -> %d for %s tokens", resolved.ulysses_size, seq_len)
+        ds[SECTION] = {**ds.get(SECTION, {}), "ulysses_size": resolved.ulysses_size}
+    return resolved
 
 
 def _deepspeed_initialize(**kwargs: Any) -> tuple:

@@ -4,7 +4,8 @@
 {
   "train_micro_batch_size_per_gpu": 1,
   "sequence_parallel_size": 4,
-  "sequence_parallel": {"size": 4, "attention": "ring", "layout": "zigzag", "comm": "ring"},
+  "sequence_parallel": {"size": 4, "attention": "ring", "layout": "zigzag", "comm": "ring",
+                        "ulysses_size": 1},
   "zero_optimization": {"stage": 3}
 }
 ```
@@ -41,8 +42,19 @@ __all__ = [
 SECTION = "sequence_parallel"
 DS_SIZE_KEY = "sequence_parallel_size"  # DeepSpeed's own key (mesh / HF zero.Init world size)
 
-# flag -> SeqParConfig field; the JSON section uses the same names except "size" for sp_size
-_FLAGS: dict[str, tuple[str, type, str]] = {
+def _int_or_auto(text: str) -> int | str:
+    """argparse type of --ulysses-size: a positive integer or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither an integer nor 'auto'") from None
+
+
+# flag -> SeqParConfig field; the JSON section uses the same names except "size" for sp_size.
+# Names are chosen so that no flag is a prefix of another (argparse accepts prefixes).
+_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--sequence-parallel-size": ("sp_size", int, "ranks that share one sample's tokens"),
     "--sequence-parallel-attention": ("attention", str, "ring | dilated"),
     "--sequence-parallel-layout": ("layout", str, "contiguous | zigzag"),
@@ -50,7 +62,9 @@ _FLAGS: dict[str, tuple[str, type, str]] = {
     "--segment-lengths": ("segment_lengths", int, "dilated: segment lengths, e.g. 2048 4096"),
     "--dilation-rates": ("dilation_rates", int, "dilated: one rate per segment, e.g. 1 2"),
     "--sequence-parallel-bucket-size": ("bucket_size", int, "torch kernel tile in tokens"),
-    "--sequence-parallel-kernel": ("kernel", str, "auto | torch | cudnn | flash | flex"),
+    "--sequence-parallel-kernel": ("kernel", str, "auto | torch | cudnn | flash"),
+    "--ulysses-size": ("ulysses_size", _int_or_auto,
+                       "Ulysses x ring: all-to-all factor u of the SP size (p = u x r), or auto"),
     # booleans: --X / --no-X. Named with the common prefix, so a short form such as
     # "--offload" or "--tiled" is never taken by argparse's prefix matching for these flags
     "--sequence-parallel-activation-offload": (
@@ -58,6 +72,12 @@ _FLAGS: dict[str, tuple[str, type, str]] = {
     "--sequence-parallel-tiled-mlp": ("tiled_mlp", bool, "decoder MLPs over sequence tiles"),
 }
 _LIST_FIELDS = ("segment_lengths", "dilation_rates")
+_LAUNCHER_FLAGS = ("--local_rank", "--local-rank")  # deepspeed / torch.distributed.launch
+
+
+def _dest(field: str) -> str:
+    """argparse dest of a field's flag: ``sp_<field>``, ``sp_size`` as is."""
+    return field if field == "sp_size" else f"sp_{field}"
 
 
 def load_ds_config(config: str | os.PathLike | Mapping[str, Any] | None) -> dict[str, Any]:
@@ -121,10 +141,13 @@ def add_argparse_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     """Add the ``--sequence-parallel-*`` flags (a group, like deepspeed.add_config_arguments).
 
     Every flag defaults to None = "take the JSON value"; a given flag overrides the JSON.
+    Also accepts what launchers append to the script's arguments: ``--local_rank=N`` (the
+    ``deepspeed`` launcher) and ``--local-rank=N`` (``torch.distributed.launch``), as
+    ``args.local_rank`` (default -1), unless the parser already defines them.
     """
     group = parser.add_argument_group("sequence parallel (seqpar_ring)")
     for flag, (dest, typ, text) in _FLAGS.items():
-        name = f"sp_{dest}" if dest != "sp_size" else dest
+        name = _dest(dest)
         if typ is bool:
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
                                default=None, help=f"{text} (overrides {SECTION}.*)")
@@ -132,6 +155,11 @@ def add_argparse_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         nargs = "+" if dest in _LIST_FIELDS else None
         group.add_argument(flag, dest=name, type=typ, nargs=nargs, default=None,
                            help=f"{text} (overrides {SECTION}.*)")
+    taken = set(parser._option_string_actions)  # argparse has no public lookup of options
+    missing = [flag for flag in _LAUNCHER_FLAGS if flag not in taken]
+    if missing:
+        group.add_argument(*missing, dest="local_rank", type=int, default=-1,
+                           help="set by the launcher (this process's rank on its node)")
     return parser
 
 
@@ -141,7 +169,7 @@ def overrides_from_args(args: argparse.Namespace | None) -> dict[str, Any]:
         return {}
     out = {}
     for dest, _, _ in _FLAGS.values():
-        value = getattr(args, f"sp_{dest}" if dest != "sp_size" else dest, None)
+        value = getattr(args, _dest(dest), None)
         if value is not None:
             out[dest] = value
     return out

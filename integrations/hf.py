@@ -11,7 +11,8 @@ for batch in loader:                        # this rank's shard of its DP group'
 switches the model to it (``set_attn_implementation``), installs the SP loss
 (``model.loss_function``) and adds forward hooks that check position_ids were given and that
 the model really routes its attention through the interface. Nothing private in transformers
-is patched. Under plain DDP also call `register_sp_ddp_hook` (SPTrainer does it for you).
+is patched. Gradients must be summed over the SP ranks: plain loops call `sync_sp_gradients`,
+plain DDP `register_sp_ddp_hook` (SPTrainer does it for you); DeepSpeed's mpu does it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from seqpar_ring.groups import SPGroups, get_groups, initialize
 
 from .hf_attention import ATTN_NAME, DOC_IDS_KEY, doc_ids_from_positions, get_state, register
 from .hf_data import SPDataCollator, shard_dataloader
+from .hf_grads import sync_sp_gradients, track
 from .hf_loss import SPCausalLMLoss, register_sp_ddp_hook
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "shard_dataloader",
     "SPCausalLMLoss",
     "register_sp_ddp_hook",
+    "sync_sp_gradients",
 ]
 
 _HOOKS_ATTR = "_seqpar_ring_hooks"
@@ -58,11 +61,13 @@ def resolve_groups(config: SeqParConfig, groups: SPGroups | None = None) -> SPGr
                     f"sp_size={config.sp_size} needs torch.distributed: call "
                     "torch.distributed.init_process_group(...) before patch()"
                 ) from None
-            groups = initialize(config.sp_size)
-    if groups is not None and groups.sp_size != config.sp_size:
+            groups = initialize(config.sp_size, ulysses_size=config.ulysses_size)
+    if groups is not None and (groups.sp_size, groups.ulysses_size) != (
+            config.sp_size, config.ulysses_size):
         raise ValueError(
-            f"config.sp_size={config.sp_size} but the SP groups are {groups}: pass matching "
-            "groups or build them with seqpar_ring.groups.initialize(config.sp_size)"
+            f"config.sp_size={config.sp_size}, ulysses_size={config.ulysses_size} but the SP "
+            f"groups are {groups}: pass matching groups or build them with seqpar_ring.groups."
+            "initialize(config.sp_size, ulysses_size=config.ulysses_size)"
         )
     return groups
 
@@ -133,6 +138,7 @@ def patch(model: nn.Module, config: SeqParConfig, groups: SPGroups | None = None
             "replace its attention"
         )
     inner.loss_function = SPCausalLMLoss(groups)
+    track(inner, groups)  # optimizer.step() refuses gradients never summed over SP
     for handle in getattr(inner, _HOOKS_ATTR, ()):
         handle.remove()
     setattr(inner, _HOOKS_ATTR, (

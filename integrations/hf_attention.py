@@ -124,14 +124,16 @@ def _derive_doc_ids(state: SPState, position_ids, attention_mask, batch: int):
             "pass the batch through SPDataCollator or seqpar_ring.layout.shard_batch"
         )
     layout, p = state.config.layout, state.sp_size
+    u = state.config.ulysses_size  # the Ulysses x ring token placement (seqpar_ring.layout)
     local = position_ids.expand(batch, -1)
     mask = torch.ones_like(local) if attention_mask is None else attention_mask.to(local.dtype)
     both = torch.stack([local, mask], dim=-1)  # (batch, seq_local, 2): one collective
-    full = gather(both, state.group, layout, dim=1)
+    full = gather(both, state.group, layout, dim=1, ulysses_size=u)
     if p > 1:
         n = local.shape[1]
         shard_pos = torch.arange(n, device=local.device, dtype=local.dtype)
-        if all(bool((shard(full[..., 0], p, r, layout) == shard_pos).all()) for r in range(p)):
+        if all(bool((shard(full[..., 0], p, r, layout, ulysses_size=u) == shard_pos).all())
+               for r in range(p)):
             raise ValueError(
                 "position_ids restart at 0 on every SP rank: they are per-shard positions, not "
                 "global ones. Pass global position_ids (SPDataCollator / shard_batch make them); "
@@ -139,7 +141,7 @@ def _derive_doc_ids(state: SPState, position_ids, attention_mask, batch: int):
             )
     doc = doc_ids_from_positions(full[..., 0], None if attention_mask is None else full[..., 1])
     if doc is not None:
-        doc = shard(doc, p, state.sp_rank, layout, dim=1) if p > 1 else doc
+        doc = shard(doc, p, state.sp_rank, layout, dim=1, ulysses_size=u) if p > 1 else doc
     state._cache = (position_ids, attention_mask, doc)
     return doc
 
@@ -198,15 +200,9 @@ def seqpar_ring_attention(
         doc_ids = _derive_doc_ids(state, kwargs.get("position_ids"), attention_mask,
                                   query.shape[0])
     if doc_ids is not None:
-        if state.config.attention == "dilated":
-            raise ValueError(
-                "dilated attention cannot mask padding or packed documents: give it unpadded, "
-                "unpacked rows whose length is a multiple of "
-                f"{state.config.seq_len_divisor}, or use attention='ring'"
-            )
         doc_ids = doc_ids.to(device=query.device, dtype=torch.long)
     out = sp_attention(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), state.config,
-        state.group, causal=getattr(module, "is_causal", True), scale=scaling, doc_ids=doc_ids,
+        state.groups, causal=getattr(module, "is_causal", True), scale=scaling, doc_ids=doc_ids,
     )
     return out, None

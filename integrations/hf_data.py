@@ -30,7 +30,9 @@ class SPDataCollator:
     ``labels`` (= ``shift_labels``: HF models compute a loss only when ``labels`` is given; the
     SP loss reads ``shift_labels``) and, for padded or packed rows, ``sp_doc_ids`` (document of
     each token, -1 = padding). Rows are right-padded to a multiple of ``pad_to_multiple_of``
-    (default ``config.seq_len_divisor``; dilated attention is never padded).
+    (default ``config.seq_len_divisor``). Under causal attention right padding costs nothing
+    extra: the ring treats it as part of the row's last document (it is in every real token's
+    future), so such rows stay on the plain fused path; dilated attention accepts only that.
     """
 
     def __init__(
@@ -47,6 +49,9 @@ class SPDataCollator:
         self.pad_token_id = pad_token_id
         if (groups.sp_size if groups is not None else 1) != config.sp_size:
             raise ValueError(f"config.sp_size={config.sp_size} does not match the groups {groups}")
+        if groups is not None and groups.ulysses_size != config.ulysses_size:
+            raise ValueError(f"config.ulysses_size={config.ulysses_size!r} does not match the "
+                             f"groups {groups}")
 
     def __call__(self, features: list) -> dict[str, Any]:
         if self.base is None:
@@ -71,29 +76,20 @@ class SPDataCollator:
             pos = torch.arange(seq, device=ids.device).expand(bsz, seq)
         mask = batch.get("attention_mask")
         doc = doc_ids_from_positions(pos, mask)
-        if cfg.attention == "dilated":
-            if doc is not None:
-                raise ValueError(
-                    "dilated attention cannot mask padding or packed documents: remove "
-                    "attention_mask zeros / position restarts, or use attention='ring'"
-                )
-            if seq % cfg.seq_len_divisor:
-                raise ValueError(
-                    f"dilated attention: sequence length {seq} must be a multiple of "
-                    f"{cfg.seq_len_divisor} (sp_size x lcm(dilation_rates)); it cannot pad. "
-                    "Choose lengths that are multiples, e.g. pack or crop the rows"
-                )
-            multiple = None
-        else:
-            multiple = self.pad_to_multiple_of or cfg.seq_len_divisor
-            padded = -seq % multiple if multiple else 0
-            if padded and doc is None:
-                doc = torch.zeros_like(pos)  # the added right padding becomes the only masked part
+        if cfg.attention == "dilated" and doc is not None and bool((doc.amax(1) > 0).any()):
+            raise ValueError(
+                "dilated attention cannot attend within packed documents (position_ids restart "
+                "inside a row): use attention='ring' for packed rows, or one document per row"
+            )
+        multiple = self.pad_to_multiple_of or cfg.seq_len_divisor
+        padded = -seq % multiple if multiple else 0
+        if padded and doc is None:
+            doc = torch.zeros_like(pos)  # the added right padding becomes the only masked part
         if doc is not None:
             batch[DOC_IDS_KEY] = doc + 1  # shard_batch pads extra tensors with 0 -> id -1 below
         batch["position_ids"] = pos
         out = shard_batch(batch, p, rank, cfg.layout, pad_to_multiple_of=multiple,
-                          pad_token_id=self.pad_token_id)
+                          pad_token_id=self.pad_token_id, ulysses_size=cfg.ulysses_size)
         if doc is not None:
             out[DOC_IDS_KEY] = out[DOC_IDS_KEY] - 1
         if "shift_labels" in out:

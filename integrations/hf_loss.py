@@ -3,7 +3,8 @@
 Gradient bookkeeping. `seqpar_ring.loss.sp_cross_entropy` gives each SP rank the gradient of
 ITS tokens' share, so the true gradient is the SUM over the SP ranks of a group and the MEAN
 over DP replicas. DeepSpeed with our ``mpu`` reduces exactly like that; plain DDP averages over
-all sp*dp ranks (a factor sp too small), which `register_sp_ddp_hook` corrects.
+all sp*dp ranks (a factor sp too small), which `register_sp_ddp_hook` corrects; plain loops call
+`seqpar_ring.integrations.hf_grads.sync_sp_gradients`.
 
 Two calling conventions, as in transformers:
 
@@ -24,6 +25,8 @@ import torch.nn.functional as F
 
 from seqpar_ring.groups import SPGroups
 from seqpar_ring.loss import sp_cross_entropy
+
+from .hf_grads import grad_state, mark_reduced_by
 
 __all__ = ["SPCausalLMLoss", "register_sp_ddp_hook"]
 
@@ -68,7 +71,8 @@ def register_sp_ddp_hook(ddp_model: torch.nn.parallel.DistributedDataParallel,
 
     The hook all-reduces each gradient bucket over DDP's process group (all sp*dp ranks, which
     must be the SP x DP world of ``groups``) after dividing by dp_size instead of world size.
-    Call once, before the first backward.
+    Call once, before the first backward. The model's gradients then count as summed after
+    each synchronised backward (`sync_sp_gradients` would refuse to sum them again).
     """
     world = dist.get_world_size(ddp_model.process_group)
     if world != groups.sp_size * groups.dp_size:
@@ -77,8 +81,13 @@ def register_sp_ddp_hook(ddp_model: torch.nn.parallel.DistributedDataParallel,
             f"{groups.sp_size * groups.dp_size}: wrap the model in DDP over the SP x DP world"
         )
 
+    mark_reduced_by(ddp_model.module, "ddp", groups)
+    state = grad_state(ddp_model.module)
+
     # no annotations: DDP inspects them and postponed (string) annotations fail its check
     def hook(dp_size, bucket):
+        if state is not None:
+            state.pending = False  # runs after the loss's backward mark of this step
         grads = bucket.buffer().div_(dp_size)
         work = dist.all_reduce(grads, group=ddp_model.process_group, async_op=True)
         return work.get_future().then(lambda fut: fut.value()[0])

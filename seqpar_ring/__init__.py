@@ -42,7 +42,8 @@ from .layout import gather, shard, shard_batch, unshard  # noqa: E402
 from .loss import sp_cross_entropy  # noqa: E402
 from .modules import RingDilatedMultiheadAttention, sp_attention  # noqa: E402
 from .ring import ring_attention  # noqa: E402
-from .tiled import enable_tiled_loss, tiled_lm_loss  # noqa: E402
+from .tiled import TiledLMHead, tiled_lm_loss  # noqa: E402
+from .ulysses import ulysses_dilated_attention, ulysses_ring_attention  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -62,8 +63,10 @@ __all__ = [
     "ring_attention",
     "dilated_attention",
     "sp_attention",
+    "ulysses_ring_attention",
+    "ulysses_dilated_attention",
     "RingDilatedMultiheadAttention",
     "tiled_lm_loss",
-    "enable_tiled_loss",
+    "TiledLMHead",
     "__version__",
 ]

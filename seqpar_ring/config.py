@@ -12,12 +12,13 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-__all__ = ["SeqParConfig", "ATTENTIONS", "LAYOUTS", "COMMS", "KERNELS"]
+__all__ = ["SeqParConfig", "ATTENTIONS", "LAYOUTS", "COMMS", "KERNELS", "AUTO"]
 
 ATTENTIONS = ("ring", "dilated")
 LAYOUTS = ("contiguous", "zigzag")
 COMMS = ("ring", "allgather")
-KERNELS = ("auto", "torch", "cudnn", "flash", "flex")
+KERNELS = ("auto", "torch", "cudnn", "flash")
+AUTO = "auto"  # ulysses_size chosen by the planner (seqpar_ring.tools.plan.resolve_ulysses_size)
 
 _SECTION = "sequence_parallel"  # prefix of every error message: the key as a user writes it
 
@@ -49,14 +50,21 @@ class SeqParConfig:
 
     Attributes:
         sp_size: ranks that share the tokens of one sample (p). 1 disables sharding.
-        attention: ``"ring"`` (exact softmax attention) or ``"dilated"`` (LongNet, SPEC-dilated.md).
+        attention: ``"ring"`` (exact softmax attention) or ``"dilated"`` (LongNet, docs/dilated.md).
         layout: how tokens are placed on ranks: ``"contiguous"`` (rank r holds chunk r of p) or
             ``"zigzag"`` (2p chunks, rank r holds chunks r and 2p-1-r; balances causal work).
         comm: ``"ring"`` (K/V blocks pass around the ring) or ``"allgather"`` (K/V gathered once).
         segment_lengths, dilation_rates: dilated only (required there); w_i % r_i == 0.
         bucket_size: tile of the pure-torch kernel in tokens; None = whole block.
-        kernel: local block kernel: ``"auto"``, ``"torch"``, ``"cudnn"``, ``"flash"``, ``"flex"``.
+        kernel: local block kernel: ``"auto"``, ``"torch"``, ``"cudnn"``, ``"flash"`` (packed
+            documents run on the fused kernels too: see `seqpar_ring.documents`).
         comm_timeout_s: how long a ring exchange may wait before raising instead of hanging.
+        ulysses_size: u, the Ulysses (all-to-all) factor of the SP group: p = u x r. Each rank's
+            heads are exchanged over u adjacent ranks (seq/p, heads) -> (seq/r, heads/u), then
+            the ring runs over r ranks (`seqpar_ring.ulysses`). 1 (default) is the pure ring,
+            ``sp_size`` pure Ulysses. ``"auto"``: chosen from the model's head counts and the
+            sequence length by `seqpar_ring.tools.plan.resolve_ulysses_size` (must be resolved
+            before the groups are built).
         activation_offload: keep each checkpointed decoder layer's input in pinned host memory
             between its forward and its recompute (`seqpar_ring.offload`; needs gradient
             checkpointing). Frees layers x tokens x hidden of GPU memory for host memory and
@@ -74,6 +82,7 @@ class SeqParConfig:
     bucket_size: int | None = None
     kernel: str = "auto"
     comm_timeout_s: float = 600.0
+    ulysses_size: int | str = 1
     activation_offload: bool = False
     tiled_mlp: bool = False
 
@@ -102,6 +111,7 @@ class SeqParConfig:
             raise ValueError(
                 f"{_SECTION}.comm_timeout_s={t!r} must be a finite number of seconds > 0"
             )
+        self._check_ulysses()
         for key in ("activation_offload", "tiled_mlp"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(
@@ -121,6 +131,34 @@ class SeqParConfig:
                 f"{_SECTION}.{key} is set but attention={self.attention!r}: "
                 "set attention='dilated' or remove segment_lengths/dilation_rates"
             )
+
+    def _check_ulysses(self) -> None:
+        u = self.ulysses_size
+        if u == AUTO:
+            if self.sp_size == 1:  # nothing to choose
+                object.__setattr__(self, "ulysses_size", 1)
+            return
+        if not _is_int(u) or u < 1:
+            raise ValueError(
+                f"{_SECTION}.ulysses_size={u!r} must be an integer >= 1 dividing sp_size, "
+                f"or {AUTO!r}"
+            )
+        if self.sp_size % u:
+            ok = [d for d in range(1, self.sp_size + 1) if self.sp_size % d == 0]
+            raise ValueError(
+                f"{_SECTION}.ulysses_size({u}) does not divide sp_size({self.sp_size}): "
+                f"sp_size = ulysses_size x ring size, so choose ulysses_size from {ok}"
+            )
+
+    @property
+    def ring_size(self) -> int:
+        """r = sp_size / ulysses_size: ranks of the ring (1 = pure Ulysses)."""
+        if self.ulysses_size == AUTO:
+            raise ValueError(
+                f"{_SECTION}.ulysses_size='auto' is not resolved yet: call "
+                "seqpar_ring.tools.plan.resolve_ulysses_size(config, model, seq_len) first"
+            )
+        return self.sp_size // int(self.ulysses_size)
 
     @staticmethod
     def _check_dilated(seg: tuple[int, ...] | None, dil: tuple[int, ...] | None) -> None:

@@ -1,4 +1,4 @@
-"""LongNet dilated attention over the sequence-parallel ring (the function of SPEC-dilated.md).
+"""LongNet dilated attention over the sequence-parallel ring (the function of docs/dilated.md).
 
 Branch i (segment length w, rate r) lets head h attend among the positions p with
 p ≡ h (mod r) inside one segment of w' = min(w, S) tokens. Because every segment starts at a
@@ -39,6 +39,7 @@ import torch
 
 from . import comm as C
 from .checks import check_inputs
+from .documents import single_document
 from .kernels import select_kernel
 from .kernels.merge import accumulation_dtype
 from .ring import RingPass, ring_backward, ring_forward
@@ -46,7 +47,7 @@ from .sparse import BranchHeads, branch_heads, nested_heads
 
 
 def validate_schedule(segment_lengths, dilation_rates, seq_len: int | None = None):
-    """The validation rules of SPEC-dilated.md; returns the lists as tuples."""
+    """The validation rules of docs/dilated.md; returns the lists as tuples."""
     ws, rs = tuple(segment_lengths or ()), tuple(dilation_rates or ())
     if not ws or len(ws) != len(rs):
         raise ValueError(f"segment_lengths {list(ws)} and dilation_rates {list(rs)} must be "
@@ -293,14 +294,19 @@ def dilated_attention(
     scale: float | None = None,
     bucket_size: int | None = None,
     kernel: str = "auto",
+    doc_ids: torch.Tensor | None = None,
     timeout_s: float = C.DEFAULT_TIMEOUT_S,
 ) -> torch.Tensor:
-    """LongNet dilated attention (SPEC-dilated.md) of the sequence sharded across ``group``.
+    """LongNet dilated attention (docs/dilated.md) of the sequence sharded across ``group``.
 
     q: (batch, seq_local, heads, head_dim); k, v: (batch, seq_local, kv_heads, head_dim), tokens
     laid out contiguously (rank r holds [r·n, (r+1)·n)). Returns (batch, seq_local, heads,
     head_dim): exactly the rows of the spec's function at this rank's positions.
     ``segment_lengths=[S], dilation_rates=[1]`` is dense attention.
+
+    ``doc_ids`` (batch, seq_local), as for `ring_attention`: only right-padded rows under
+    ``causal`` are accepted (the padding lies in every real token's future, so the function on
+    real tokens is unchanged and padding carries no loss); packed documents raise.
     """
     if layout != "contiguous":
         raise ValueError(f"dilated attention supports layout='contiguous' only (got {layout!r}): "
@@ -317,9 +323,15 @@ def dilated_attention(
                              f"sequence to a multiple of sp_size * {r} = {p * r}")
         aligned &= (wp <= n and n % wp == 0) or (wp > n and wp % n == 0)
     check_inputs(q, k, v, group, what="dilated_attention",
-                 extra=dict(causal=int(causal), branches=len(ws), w0=ws[0], r0=rs[0]))
+                 extra=dict(causal=int(causal), branches=len(ws), w0=ws[0], r0=rs[0],
+                            docs=int(doc_ids is not None)))
+    if doc_ids is not None and not single_document(doc_ids, group, layout, causal):
+        raise ValueError(
+            "dilated attention takes right-padded rows under causal attention only; packed "
+            "documents, left/middle padding or non-causal padding need attention='ring'"
+        )
     # Segments that straddle shards are masked per row, which only the torch kernel can do.
-    kern = select_kernel(kernel, q, doc_ids=not aligned)
+    kern = select_kernel(kernel, q, masked=not aligned)
     branches = _branches(n, q.shape[2], k.shape[2], q.device, group, ws, rs, causal=causal,
                          kernel=kern,
                          scale=scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]),

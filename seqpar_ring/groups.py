@@ -19,6 +19,12 @@ implemented below; the unit test calls each one):
   only this rank: the all-reduce is then a no-op, never a sum over replicas.
 * We do NOT define ``initialize_sequence_parallel``: DeepSpeed treats an mpu that has it as its
   own Ulysses mpu and then returns None for the data-parallel group.
+
+Ulysses x ring (``ulysses_size`` u > 1): the SP group of p = u x r ranks is a u x r grid,
+``sp_rank = ring_rank * u + ulysses_rank``. The u ranks of one all-to-all (Ulysses) group are
+adjacent (consecutive global ranks, so inside a node when u divides the GPUs per node); a ring
+group takes every u-th rank of the SP group. Both sub-groups are explicit process groups on
+`SPGroups`; the DeepSpeed mpu protocol above is unchanged (it sees one SP group of p ranks).
 """
 
 from __future__ import annotations
@@ -57,9 +63,26 @@ class SPGroups:
     self_group: ProcessGroup = field(repr=False)  # only this rank: the model-parallel group
     world_ranks: tuple[int, ...] = field(repr=False, default=())  # global ranks of the grid
     _owned: tuple[ProcessGroup, ...] = field(repr=False, default=())  # groups destroy() frees
+    # Ulysses x ring grid inside the SP group (u = 1: the ulysses group is this rank alone and
+    # the ring group is the SP group); *_ranks are global ranks in group-rank order.
+    ulysses_size: int = 1
+    ulysses_rank: int = 0
+    ring_rank: int = 0
+    ulysses_group: ProcessGroup | None = field(repr=False, default=None)
+    ring_group: ProcessGroup | None = field(repr=False, default=None)
+    ulysses_ranks: tuple[int, ...] = ()
+    ring_ranks: tuple[int, ...] = ()
+
+    @property
+    def ring_size(self) -> int:
+        """r = sp_size / ulysses_size."""
+        return self.sp_size // self.ulysses_size
 
     def __str__(self) -> str:
-        return f"SP({self.sp_size})-DP({self.dp_size})-rank({self.rank})"
+        if self.ulysses_size == 1:
+            return f"SP({self.sp_size})-DP({self.dp_size})-rank({self.rank})"
+        return (f"SP({self.sp_size}=U{self.ulysses_size}xR{self.ring_size})-DP({self.dp_size})"
+                f"-rank({self.rank})")
 
     def describe(self) -> str:
         """The whole grid as a table of global ranks (rows dp_rank, columns sp_rank)."""
@@ -75,10 +98,24 @@ class SPGroups:
                 f"{('*' if r == self.rank else '') + str(r):>{width}}" for r in row
             )
             lines.append(f"{d:<7}{cells}")
-        lines.append(
-            f"rank {self.rank}: sp_rank {self.sp_rank}, dp_rank {self.dp_rank}, "
-            f"ring {self.prev_rank} -> {self.rank} -> {self.next_rank} (* = this rank)"
-        )
+        if self.ulysses_size > 1:
+            u, sp = self.ulysses_size, self.sp_ranks
+            lines.append(f"this SP group as ulysses {u} x ring {self.ring_size} (rows: ring "
+                         "rank, columns: ulysses rank; all-to-all along a row, ring down a column)")
+            for i in range(self.ring_size):
+                cells = "".join(f"{('*' if r == self.rank else '') + str(r):>{width}}"
+                                for r in sp[i * u:(i + 1) * u])
+                lines.append(f"{i:<7}{cells}")
+            lines.append(
+                f"rank {self.rank}: sp_rank {self.sp_rank} = ring_rank {self.ring_rank} x {u} + "
+                f"ulysses_rank {self.ulysses_rank}, dp_rank {self.dp_rank}; all-to-all with "
+                f"{list(self.ulysses_ranks)}, ring {list(self.ring_ranks)} (* = this rank)"
+            )
+        else:
+            lines.append(
+                f"rank {self.rank}: sp_rank {self.sp_rank}, dp_rank {self.dp_rank}, "
+                f"ring {self.prev_rank} -> {self.rank} -> {self.next_rank} (* = this rank)"
+            )
         return "\n".join(lines)
 
     # --- DeepSpeed mpu protocol: data parallel = replicas of a sample's SP group -------------
@@ -142,14 +179,14 @@ class SPGroups:
 
 
 _DEFAULT: SPGroups | None = None
-_DEFAULT_KEY: tuple[int, object] | None = None
+_DEFAULT_KEY: tuple[int, object, int] | None = None
 
 
 def _divisors(n: int) -> tuple[int, ...]:
     return tuple(d for d in range(1, n + 1) if n % d == 0)
 
 
-def _build(sp_size: int, world_group: ProcessGroup | None) -> SPGroups:
+def _build(sp_size: int, world_group: ProcessGroup | None, ulysses_size: int = 1) -> SPGroups:
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
             "seqpar_ring groups need torch.distributed: call "
@@ -165,6 +202,16 @@ def _build(sp_size: int, world_group: ProcessGroup | None) -> SPGroups:
             f"world_size({world}) % sp_size({sp_size}) != 0: "
             f"choose sp_size from {_divisors(world)}"
         )
+    u = ulysses_size
+    if isinstance(u, bool) or not isinstance(u, int) or u < 1:
+        hint = (" ('auto' must be resolved first: seqpar_ring.tools.plan.resolve_ulysses_size)"
+                if u == "auto" else "")
+        raise ValueError(f"ulysses_size={u!r} must be an integer >= 1{hint}")
+    if sp_size % u:
+        raise ValueError(
+            f"ulysses_size({u}) does not divide sp_size({sp_size}): choose ulysses_size from "
+            f"{_divisors(sp_size)}"
+        )
     rank = dist.get_rank()
     if rank not in members:
         raise RuntimeError(
@@ -178,13 +225,16 @@ def _build(sp_size: int, world_group: ProcessGroup | None) -> SPGroups:
     sp_sets = [members[d * sp_size : (d + 1) * sp_size] for d in range(dp_size)]
     dp_sets = [members[s::sp_size] for s in range(sp_size)]
     self_sets = [(r,) for r in members]
+    # u x r grid inside every SP group: all-to-all groups are u adjacent ranks, rings stride u
+    uly_sets = [sp[i * u : (i + 1) * u] for sp in sp_sets for i in range(sp_size // u)]
+    ring_sets = [sp[j::u] for sp in sp_sets for j in range(u)]
     # Inside a sub-world only its members call us, so groups are created with local
     # synchronisation (non-members need not join); on the default world every rank creates
     # every group in the same order, as torch requires.
     local_sync = world_group is not None and world != dist.get_world_size()
     made: dict[tuple[int, ...], ProcessGroup] = {members: whole}
     owned: list[ProcessGroup] = []
-    for ranks in sp_sets + dp_sets + self_sets:  # same order on every rank
+    for ranks in sp_sets + dp_sets + self_sets + uly_sets + ring_sets:  # same order everywhere
         if ranks in made or (local_sync and rank not in ranks):
             continue
         group = dist.new_group(list(ranks), use_local_synchronization=local_sync)
@@ -192,6 +242,9 @@ def _build(sp_size: int, world_group: ProcessGroup | None) -> SPGroups:
         owned.append(group)
 
     sp_ranks = sp_sets[dp_rank]
+    ring_rank, ulysses_rank = divmod(sp_rank, u)
+    ulysses_ranks = sp_ranks[ring_rank * u : (ring_rank + 1) * u]
+    ring_ranks = sp_ranks[ulysses_rank::u]
     return SPGroups(
         sp_size=sp_size,
         dp_size=dp_size,
@@ -208,19 +261,29 @@ def _build(sp_size: int, world_group: ProcessGroup | None) -> SPGroups:
         self_group=made[(rank,)],
         world_ranks=members,
         _owned=tuple(owned),
+        ulysses_size=u,
+        ulysses_rank=ulysses_rank,
+        ring_rank=ring_rank,
+        ulysses_group=made[ulysses_ranks],
+        ring_group=made[ring_ranks],
+        ulysses_ranks=ulysses_ranks,
+        ring_ranks=ring_ranks,
     )
 
 
-def initialize(sp_size: int, *, world_group: ProcessGroup | None = None) -> SPGroups:
+def initialize(
+    sp_size: int, *, world_group: ProcessGroup | None = None, ulysses_size: int = 1
+) -> SPGroups:
     """Build the SP x DP grid over ``world_group`` (default: the whole world) and record it.
 
-    Every rank of ``world_group`` must call this with the same ``sp_size``. Arguments are checked
-    before any collective, so a bad ``sp_size`` raises on every rank instead of hanging.
-    Calling it again with the same arguments returns the recorded groups; with different ones,
-    call `destroy()` first.
+    Every rank of ``world_group`` must call this with the same ``sp_size`` (and
+    ``ulysses_size``: the SP group is then a ulysses x ring grid, module doc). Arguments are
+    checked before any collective, so a bad ``sp_size`` raises on every rank instead of
+    hanging. Calling it again with the same arguments returns the recorded groups; with
+    different ones, call `destroy()` first.
     """
     global _DEFAULT, _DEFAULT_KEY
-    key = (sp_size, world_group)
+    key = (sp_size, world_group, ulysses_size)
     if _DEFAULT is not None:
         if _DEFAULT_KEY == key:
             return _DEFAULT
@@ -228,7 +291,7 @@ def initialize(sp_size: int, *, world_group: ProcessGroup | None = None) -> SPGr
             f"sequence-parallel groups are already initialised as {_DEFAULT}; "
             "call seqpar_ring.groups.destroy() before initialize() with other arguments"
         )
-    groups = _build(sp_size, world_group)
+    groups = _build(sp_size, world_group, ulysses_size)
     _DEFAULT, _DEFAULT_KEY = groups, key
     logger.info("sequence-parallel grid %s (sp_ranks %s)", groups, groups.sp_ranks)
     return groups

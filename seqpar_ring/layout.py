@@ -6,6 +6,16 @@ Layouts for p ranks and a sequence of S tokens (S must be a multiple of ``seq_le
 * ``zigzag``: the sequence is cut into 2p chunks of S/(2p); rank r holds chunk r followed by
   chunk 2p-1-r. Under a causal mask every rank then does the same amount of work.
 
+Ulysses x ring (``ulysses_size`` u > 1, ring size r = p/u; `seqpar_ring.ulysses`): SP rank
+s = i·u + j (ring rank i, Ulysses rank j) holds the j-th of u equal consecutive pieces of what
+ring rank i holds under ``layout`` over r ranks, in that rank's local order. The all-to-all over
+Ulysses group i puts its members' pieces one after the other in order j = 0..u-1, which is
+exactly ring rank i's shard: no reordering, and the ring sees the usual zigzag / contiguous
+layout over r ranks. Example, S = 16, p = 4, u = r = 2, zigzag (4 chunks of 4 over the ring):
+ring rank 0 holds [0..3, 12..15], ring rank 1 [4..11]; SP ranks 0, 1, 2, 3 hold [0..3],
+[12..15], [4..7], [8..11]. u = 1 is the plain layout. The divisor stays p (contiguous) or 2p
+(zigzag).
+
 Every function shards along ``dim`` (default 1: tensors are ``(batch, seq, ...)``).
 """
 
@@ -31,13 +41,20 @@ __all__ = [
 ]
 
 
-def _check(sp_size: int, layout: str, sp_rank: int | None = None) -> None:
+def _check(sp_size: int, layout: str, sp_rank: int | None = None, ulysses_size: int = 1) -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} is not one of {LAYOUTS}")
     if isinstance(sp_size, bool) or not isinstance(sp_size, int) or sp_size < 1:
         raise ValueError(f"sp_size={sp_size!r} must be an integer >= 1")
     if sp_rank is not None and not 0 <= sp_rank < sp_size:
         raise ValueError(f"sp_rank={sp_rank!r} must be in [0, {sp_size}) for sp_size={sp_size}")
+    u = ulysses_size
+    if isinstance(u, bool) or not isinstance(u, int) or u < 1:
+        hint = (" (resolve 'auto' first: seqpar_ring.tools.plan.resolve_ulysses_size)"
+                if u == "auto" else "")
+        raise ValueError(f"ulysses_size={u!r} must be an integer >= 1{hint}")
+    if sp_size % u:
+        raise ValueError(f"ulysses_size({u}) does not divide sp_size({sp_size})")
 
 
 def seq_len_divisor(sp_size: int, layout: str) -> int:
@@ -46,18 +63,25 @@ def seq_len_divisor(sp_size: int, layout: str) -> int:
     return sp_size * (2 if layout == "zigzag" else 1)
 
 
-def chunk_ranges(seq_len: int, sp_size: int, sp_rank: int, layout: str) -> list[tuple[int, int]]:
+def chunk_ranges(
+    seq_len: int, sp_size: int, sp_rank: int, layout: str, ulysses_size: int = 1
+) -> list[tuple[int, int]]:
     """``[(global_start, length), ...]`` owned by ``sp_rank``, in local order.
 
-    contiguous -> one chunk; zigzag -> chunk r then chunk 2p-1-r.
+    contiguous -> one chunk; zigzag -> chunk r then chunk 2p-1-r. With ``ulysses_size`` u > 1:
+    piece j of u of ring rank i's ranges over p/u ranks, for sp_rank = i·u + j (module doc).
     """
-    _check(sp_size, layout, sp_rank)
+    _check(sp_size, layout, sp_rank, ulysses_size)
     div = seq_len_divisor(sp_size, layout)
     if seq_len % div != 0:
         raise ValueError(
             f"seq_len={seq_len} is not a multiple of {div} (layout={layout!r}, "
             f"sp_size={sp_size}): pad the batch, e.g. shard_batch(..., pad_to_multiple_of={div})"
         )
+    if ulysses_size > 1:
+        ring_rank, piece = divmod(sp_rank, ulysses_size)
+        ring = chunk_ranges(seq_len, sp_size // ulysses_size, ring_rank, layout)
+        return _slice_ranges(ring, piece * (seq_len // sp_size), seq_len // sp_size)
     if layout == "contiguous":
         n = seq_len // sp_size
         return [(sp_rank * n, n)]
@@ -65,29 +89,54 @@ def chunk_ranges(seq_len: int, sp_size: int, sp_rank: int, layout: str) -> list[
     return [(sp_rank * c, c), ((2 * sp_size - 1 - sp_rank) * c, c)]
 
 
-def local_positions(seq_len: int, sp_size: int, sp_rank: int, layout: str) -> torch.LongTensor:
+def _slice_ranges(ranges: list[tuple[int, int]], offset: int, length: int) -> list[tuple[int, int]]:
+    """Local tokens [offset, offset + length) of ``ranges`` as global ranges, in local order."""
+    out, pos = [], 0
+    for start, n in ranges:
+        lo, hi = max(offset, pos), min(offset + length, pos + n)
+        if lo < hi:
+            out.append((start + lo - pos, hi - lo))
+        pos += n
+    return out
+
+
+def local_positions(
+    seq_len: int, sp_size: int, sp_rank: int, layout: str, ulysses_size: int = 1
+) -> torch.LongTensor:
     """``(seq_len // p,)`` global positions of the rank's tokens, in local order."""
-    ranges = chunk_ranges(seq_len, sp_size, sp_rank, layout)
+    ranges = chunk_ranges(seq_len, sp_size, sp_rank, layout, ulysses_size)
     return torch.cat([torch.arange(s, s + n) for s, n in ranges])  # type: ignore[return-value]
 
 
-def shard(x: Tensor, sp_size: int, sp_rank: int, layout: str, dim: int = 1) -> Tensor:
+def shard(
+    x: Tensor, sp_size: int, sp_rank: int, layout: str, dim: int = 1, ulysses_size: int = 1
+) -> Tensor:
     """The rank's tokens of ``x`` along ``dim``: ``(..., S, ...)`` -> ``(..., S/p, ...)``."""
-    ranges = chunk_ranges(x.shape[dim], sp_size, sp_rank, layout)
+    ranges = chunk_ranges(x.shape[dim], sp_size, sp_rank, layout, ulysses_size)
     parts = [x.narrow(dim, s, n) for s, n in ranges]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
-def unshard(shards: Sequence[Tensor], layout: str, dim: int = 1) -> Tensor:
-    """Inverse of ``[shard(x, p, r, layout, dim) for r in range(p)]``."""
+def unshard(
+    shards: Sequence[Tensor], layout: str, dim: int = 1, ulysses_size: int = 1
+) -> Tensor:
+    """Inverse of ``[shard(x, p, r, layout, dim, ulysses_size) for r in range(p)]``."""
     p = len(shards)
-    _check(p, layout)
+    _check(p, layout, ulysses_size=ulysses_size)
     n = shards[0].shape[dim]
     if any(s.shape[dim] != n for s in shards):
         raise ValueError(
             f"shards differ in length along dim {dim}: {[s.shape[dim] for s in shards]}; "
             "pass the shards of one tensor, one per sp_rank in order"
         )
+    if ulysses_size > 1:
+        pieces = []  # (global start, tensor) of every range of every rank, then sorted
+        for r, s in enumerate(shards):
+            local = 0
+            for start, m in chunk_ranges(n * p, p, r, layout, ulysses_size):
+                pieces.append((start, s.narrow(dim, local, m)))
+                local += m
+        return torch.cat([t for _, t in sorted(pieces, key=lambda x: x[0])], dim=dim)
     if layout == "contiguous":
         return torch.cat(list(shards), dim=dim)
     if n % 2 != 0:
@@ -100,18 +149,22 @@ def unshard(shards: Sequence[Tensor], layout: str, dim: int = 1) -> Tensor:
     return torch.cat(chunks, dim=dim)  # type: ignore[arg-type]
 
 
-def gather(x_local: Tensor, group: dist.ProcessGroup | None, layout: str, dim: int = 1) -> Tensor:
+def gather(
+    x_local: Tensor, group: dist.ProcessGroup | None, layout: str, dim: int = 1,
+    ulysses_size: int = 1,
+) -> Tensor:
     """All-gather the shards of ``x_local`` over ``group`` and put tokens back in global order.
 
     ``(..., S/p, ...)`` -> ``(..., S, ...)`` on every rank. ``group`` None or of size 1: no
     communication (returns ``x_local``). Not differentiable: for outputs, metrics and tests.
+    ``group`` is the whole SP group (group rank = sp_rank), also under Ulysses x ring.
     """
     if group is None or dist.get_world_size(group) == 1:
         return x_local
     x = x_local.detach().contiguous()
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, x, group=group)
-    return unshard(parts, layout, dim=dim)
+    return unshard(parts, layout, dim=dim, ulysses_size=ulysses_size)
 
 
 def _pad_right(x: Tensor, amount: int, value: Any) -> Tensor:
@@ -129,6 +182,7 @@ def shard_batch(
     pad_to_multiple_of: int | None = None,
     pad_token_id: int = 0,
     ignore_index: int = -100,
+    ulysses_size: int = 1,
 ) -> dict[str, Any]:
     """Shard an HF-style batch of ``(batch, seq, ...)`` tensors for one SP rank.
 
@@ -144,10 +198,11 @@ def shard_batch(
        ``attention_mask`` 0, labels ``ignore_index``, positions continue, other tensors 0.
        No ``attention_mask`` is created: right padding with ignored labels is invisible to the
        real tokens under a causal mask.
-    4. Every tensor with sequence dim 1 is sharded with `shard`; other values pass unchanged.
+    4. Every tensor with sequence dim 1 is sharded with `shard` (``ulysses_size``: the
+       Ulysses x ring placement of the module doc); other values pass unchanged.
     """
     div = seq_len_divisor(sp_size, layout)
-    _check(sp_size, layout, sp_rank)
+    _check(sp_size, layout, sp_rank, ulysses_size)
     seq = {k: v for k, v in batch.items() if isinstance(v, Tensor) and v.dim() >= 2}
     if not seq:
         raise ValueError("shard_batch needs at least one (batch, seq, ...) tensor, e.g. input_ids")
@@ -195,5 +250,5 @@ def shard_batch(
         )
 
     for k, v in seq.items():
-        out[k] = shard(v, sp_size, sp_rank, layout, dim=1)
+        out[k] = shard(v, sp_size, sp_rank, layout, dim=1, ulysses_size=ulysses_size)
     return out

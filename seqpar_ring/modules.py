@@ -8,7 +8,9 @@ import torch.nn.functional as F
 
 from .config import SeqParConfig
 from .dilated import dilated_attention
+from .groups import SPGroups
 from .ring import ring_attention
+from .ulysses import ulysses_dilated_attention, ulysses_ring_attention
 
 
 def sp_attention(
@@ -22,16 +24,55 @@ def sp_attention(
     scale: float | None = None,
     doc_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Run the attention ``config`` selects (ring or dilated) on (batch, seq_local, heads, dim)."""
+    """Run the attention ``config`` selects (ring or dilated) on (batch, seq_local, heads, dim).
+
+    ``group``: the SP process group (None = local), or the rank's `SPGroups` — required when
+    ``config.ulysses_size > 1``, which runs Ulysses x ring (`seqpar_ring.ulysses`) over its
+    ``ulysses_group`` and ``ring_group``. An `SPGroups` of sp_size 1 means local attention.
+    """
     common = dict(causal=causal, layout=config.layout, scale=scale, bucket_size=config.bucket_size,
                   kernel=config.kernel, timeout_s=config.comm_timeout_s)
-    if config.attention == "dilated":
-        if doc_ids is not None:
-            raise ValueError("dilated attention does not support packed documents or padding "
-                             "masks; use attention='ring' for packed batches")
+    dilated = config.attention == "dilated"
+    u = config.ulysses_size
+    if u != 1:
+        groups = _hybrid_groups(config, group)
+        if dilated:
+            if doc_ids is not None:
+                raise ValueError(
+                    "dilated attention with ulysses_size > 1 takes unpadded rows: pad-free rows "
+                    "whose length is a multiple of the layout's divisor, or ulysses_size=1"
+                )
+            return ulysses_dilated_attention(q, k, v, groups,
+                                             segment_lengths=config.segment_lengths,
+                                             dilation_rates=config.dilation_rates, **common)
+        return ulysses_ring_attention(q, k, v, groups, comm=config.comm, doc_ids=doc_ids,
+                                      **common)
+    if isinstance(group, SPGroups):
+        group = group.sp_group if group.sp_size > 1 else None
+    if dilated:
         return dilated_attention(q, k, v, group, segment_lengths=config.segment_lengths,
-                                 dilation_rates=config.dilation_rates, **common)
+                                 dilation_rates=config.dilation_rates, doc_ids=doc_ids, **common)
     return ring_attention(q, k, v, group, comm=config.comm, doc_ids=doc_ids, **common)
+
+
+def _hybrid_groups(config: SeqParConfig, group) -> SPGroups:
+    u = config.ulysses_size
+    if u == "auto":
+        raise ValueError("ulysses_size='auto' reached the attention unresolved: resolve it "
+                         "with seqpar_ring.tools.plan.resolve_ulysses_size(config, model, "
+                         "seq_len) before building the groups")
+    if not isinstance(group, SPGroups):
+        raise ValueError(
+            f"ulysses_size={u} needs the rank's SPGroups (with its ulysses and ring groups) as "
+            f"`group`, got {type(group).__name__}: pass "
+            f"seqpar_ring.groups.initialize(sp_size, ulysses_size={u})"
+        )
+    if (group.sp_size, group.ulysses_size) != (config.sp_size, u):
+        raise ValueError(
+            f"config has sp_size={config.sp_size}, ulysses_size={u} but the groups are {group}: "
+            f"build them with seqpar_ring.groups.initialize({config.sp_size}, ulysses_size={u})"
+        )
+    return group
 
 
 class RingDilatedMultiheadAttention(nn.Module):

@@ -19,15 +19,49 @@ chunk cut into windows, batched). Unaligned windows straddle chunk boundaries: s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
+
+import torch
 
 Chunks = Sequence[tuple[int, int]]
 
 
+@dataclass(frozen=True, eq=False)
+class VarlenSpec:
+    """Sequences of one varlen call: ``seqs[i] = (q_len, k_len)``, laid end to end in the call's
+    Q rows and K/V rows. An empty side means those rows see no key / serve no query (padding)."""
+
+    seqs: tuple[tuple[int, int], ...]
+    max_q: int
+    max_k: int
+    has_empty: bool
+    _cu: dict = field(default_factory=dict, repr=False)  # device -> (cu_q, cu_k) int32
+
+    @classmethod
+    def of(cls, seqs: tuple[tuple[int, int], ...]) -> VarlenSpec:
+        return cls(seqs, max(q for q, _ in seqs), max(k for _, k in seqs),
+                   any(q == 0 or k == 0 for q, k in seqs))
+
+    def cu_seqlens(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cumulative offsets (len(seqs) + 1,) int32 of the Q and K/V sequences on ``device``;
+        copied there once per batch (the spec lives as long as its batch's plan)."""
+        key = str(device)
+        if key not in self._cu:
+            cu = torch.zeros(2, len(self.seqs) + 1, dtype=torch.int32)
+            cu[:, 1:] = torch.tensor(self.seqs, dtype=torch.int32).T.cumsum(1)
+            cu = cu.to(device, non_blocking=True)
+            self._cu[key] = (cu[0], cu[1])
+        return self._cu[key]
+
+
 @dataclass(frozen=True)
 class BlockCall:
-    """One kernel call: local row slices of Q and K/V, diagonal mask, optional segment window."""
+    """One kernel call: local row slices of Q and K/V, diagonal mask, optional segment window.
+
+    ``row`` restricts the call to one row of the batch (packed rows differ per row); ``varlen``
+    makes it a call over several sequences laid end to end (packed documents).
+    """
 
     q: slice
     k: slice
@@ -36,6 +70,8 @@ class BlockCall:
     masked: bool = False     # window straddles chunks: mask by window index of each position
     q0: int = 0              # global position of the first row of q / k (masked calls)
     k0: int = 0
+    row: int | None = None
+    varlen: VarlenSpec | None = field(default=None, compare=False)
 
 
 def _runs(indices: Sequence[int]) -> list[tuple[int, int]]:

@@ -7,12 +7,18 @@ backward recomputes each tile's logits to form its gradient. The value and gradi
 of ``sp_cross_entropy(F.linear(hidden, weight, bias), shift_labels, group)`` — token-weighted
 over the whole SP group.
 
-HF models plug it in with :func:`enable_tiled_loss` (see its docstring for the mechanism).
+The loss is one explicit call, never a side effect of a model's forward:
+
+* ``tiled_lm_loss(hidden, weight, shift_labels, group)``: the function, for your own loop;
+* ``TiledLMHead``: an ``nn.Linear`` stand-in owning the head's Parameters; ``head(hidden)``
+  returns logits, ``head(hidden, shift_labels, group)`` the tiled loss. Under DeepSpeed ZeRO-3
+  the loss must run inside the head module's forward (ZeRO-3 gathers the weight there, and
+  again before its backward), which this gives;
+* for transformers models, ``seqpar_ring.integrations.hf_tiled`` installs the head and makes
+  the step's call (decoder forward, then the head with the labels).
 """
 
 from __future__ import annotations
-
-import logging
 
 import torch
 import torch.distributed as dist
@@ -20,9 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-log = logging.getLogger("seqpar_ring")
-
-__all__ = ["tiled_lm_loss", "default_tile_size", "TiledLMHead", "enable_tiled_loss"]
+__all__ = ["tiled_lm_loss", "default_tile_size", "TiledLMHead"]
 
 # Elements of one tile's logits: 2**26 fp32 = 256 MiB, so a tile's working set (logits in the
 # model dtype, fp32 copy, fp32 gradient, gradient in the model dtype) stays under ~1 GiB.
@@ -142,7 +146,7 @@ def tiled_lm_loss(
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
         raise ValueError(f"weight must be (vocab, hidden={hidden.shape[2]}), got "
                          f"{tuple(weight.shape)}; pass lm_head.weight (gathered under ZeRO-3: "
-                         "call this inside the lm_head module's forward, see TiledLMHead)")
+                         "call it through TiledLMHead, inside the module's forward)")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must be (vocab={weight.shape[0]},), got {tuple(bias.shape)}")
     if shift_labels.dtype.is_floating_point:
@@ -155,124 +159,40 @@ def tiled_lm_loss(
 
 
 class TiledLMHead(nn.Module):
-    """Drop-in for a model's ``lm_head`` (nn.Linear) that can return the tiled loss instead.
+    """Drop-in for a model's ``lm_head`` (nn.Linear) with the tiled loss as an explicit call.
+
+    ``head(hidden)`` -> logits ``(batch, seq, vocab)``, exactly the linear layer it replaces (the
+    model's own forward, generation and evaluation call it so). ``head(hidden, shift_labels,
+    group)`` -> the fp32 scalar of `tiled_lm_loss` over the SP ``group`` (``num_items`` as
+    there); the logits are never materialised. The arguments alone select between the two: no
+    state, no hook.
 
     It adopts the head's ``weight`` (and ``bias``) Parameter objects as its own, so state-dict
     keys, weight tying and optimizer entries are unchanged, and — the point under ZeRO-3 —
     DeepSpeed gathers them around THIS module's forward (and again before its backward), which
-    is where the whole tiled loss runs. With no labels pending it is a plain linear layer.
+    is where the whole tiled loss runs. Replace the head before ``deepspeed.initialize``.
     """
 
-    def __init__(self, head: nn.Linear, *, group=None, tile_size: int | None = None,
+    def __init__(self, head: nn.Linear, *, tile_size: int | None = None,
                  ignore_index: int = -100):
         super().__init__()
+        if not isinstance(head, nn.Linear):
+            raise ValueError(f"TiledLMHead replaces an nn.Linear LM head, got "
+                             f"{type(head).__name__}; call tiled_lm_loss with its weight instead")
         self.in_features, self.out_features = head.in_features, head.out_features
         self.weight = head.weight
         self.bias = head.bias
-        self.group, self.tile_size, self.ignore_index = group, tile_size, ignore_index
-        self._pending: tuple[Tensor, object] | None = None  # (shift_labels, num_items), 1 call
-        self._last_loss: Tensor | None = None
+        self.tile_size, self.ignore_index = tile_size, ignore_index
 
-    def forward(self, hidden: Tensor) -> Tensor:
-        pending, self._pending = self._pending, None
-        if pending is None or pending[0].shape != hidden.shape[:2]:
-            if pending is not None:  # e.g. logits_to_keep sliced the hidden states
-                log.warning("tiled loss skipped: labels %s do not match hidden %s",
-                            tuple(pending[0].shape), tuple(hidden.shape))
+    def forward(self, hidden: Tensor, shift_labels: Tensor | None = None,
+                group: dist.ProcessGroup | None = None, *,
+                num_items: float | Tensor | None = None) -> Tensor:
+        if shift_labels is None:
             return F.linear(hidden, self.weight, self.bias)
-        loss = tiled_lm_loss(hidden, self.weight, pending[0], self.group, bias=self.bias,
+        return tiled_lm_loss(hidden, self.weight, shift_labels, group, bias=self.bias,
                              tile_size=self.tile_size, ignore_index=self.ignore_index,
-                             num_items=pending[1])
-        self._last_loss = loss
-        return loss
+                             num_items=num_items)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, tile_size={self.tile_size}")
-
-
-_UNSUPPORTED = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
-
-
-def _sp_group(group):
-    return getattr(group, "sp_group", group)  # accept SPGroups as well as a ProcessGroup
-
-
-def enable_tiled_loss(model: nn.Module, tile_size: int | None = None, group=None) -> TiledLMHead:
-    """Make ``model(..., labels=..)`` / ``model(..., shift_labels=..)`` use the tiled loss.
-
-    Mechanism (public APIs only, transformers 5.17-5.23): an HF ``*ForCausalLM.forward``
-    computes ``logits = self.lm_head(hidden)`` then ``self.loss_function(logits=logits, ...)``.
-
-    1. ``model.set_output_embeddings(TiledLMHead(old_head))`` replaces the head module.
-    2. A forward pre-hook (``register_forward_pre_hook(with_kwargs=True)``) on ``model`` hands
-       the call's ``shift_labels`` (or ``labels`` shifted by one, as transformers does) to the
-       head, and sets ``labels`` when only ``shift_labels`` was given so the loss is computed.
-    3. The head returns the tiled loss (computed inside its forward: ZeRO-3 gathers the weight
-       there) and ``model.loss_function = ...`` (its public setter) returns that tensor as the
-       loss. Calls without labels, or with ``logits_to_keep`` slicing, get real logits and the
-       model's original loss function.
-
-    ``num_items_in_batch`` (HF Trainer) follows ``integrations.hf_loss``: each SP rank returns
-    the group's loss sum / (sp * num_items_in_batch). Call before or after
-    ``integrations.hf.patch``: whichever loss_function is installed besides ours becomes the
-    fallback for calls that produce real logits.
-
-    Consequence: when the tiled loss is used, ``outputs.logits`` holds the loss scalar, not
-    logits (that is the memory saved). Call before ``deepspeed.initialize`` (ZeRO-3 hooks are
-    attached to the modules present then). Models that transform logits after the head
-    (soft-capping, logit scale) are refused. Under SP pass ``shift_labels`` from
-    ``shard_batch``; ``group`` (ProcessGroup or SPGroups) is the SP group.
-    """
-    head = model.get_output_embeddings()
-    if isinstance(head, TiledLMHead):
-        head.tile_size, head.group = tile_size, _sp_group(group)
-        return head
-    if not isinstance(head, nn.Linear):
-        raise ValueError(f"enable_tiled_loss needs an nn.Linear output embedding, got "
-                         f"{type(head).__name__}; use tiled_lm_loss directly")
-    cfg = getattr(model, "config", None)
-    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    for key in _UNSUPPORTED:
-        if getattr(text_cfg, key, None) not in (None, 1.0):
-            raise ValueError(f"{type(model).__name__} applies `{key}` to the logits after the "
-                             "LM head; the tiled loss would skip it. Use sp_cross_entropy")
-    new = TiledLMHead(head, group=_sp_group(group), tile_size=tile_size)
-    model.set_output_embeddings(new)
-    sp_size = _group_size(new.group)
-    fallback = [model.loss_function]  # the loss used when the head returned real logits
-
-    def pre_hook(module, args, kwargs):
-        new._last_loss = None
-        if module.loss_function is not loss_function:
-            # something (e.g. integrations.hf.patch) installed its loss after us: keep it as
-            # the fallback and put ours back in front, so the call order does not matter
-            fallback[0] = module.loss_function
-            module.loss_function = loss_function
-        shift, labels = kwargs.get("shift_labels"), kwargs.get("labels")
-        if shift is None and labels is not None:
-            if sp_size > 1:
-                raise ValueError("under sequence parallelism pass shift_labels (shifted over "
-                                 "the whole row before sharding, see shard_batch), not labels")
-            shift = F.pad(labels, (0, 1), value=new.ignore_index)[..., 1:]
-        if shift is not None and kwargs.get("logits_to_keep", 0) in (0, None):
-            # transformers' num_items_in_batch counts labels over ALL ranks; each SP rank returns
-            # group_sum / (sp * N) as integrations.hf_loss does
-            items = kwargs.get("num_items_in_batch")
-            new._pending = (shift, None if items is None else items * sp_size)
-            if labels is None:
-                kwargs = {**kwargs, "labels": shift}  # transformers computes loss only if set
-            return args, kwargs
-        new._pending = None
-        return None
-
-    def loss_function(logits, labels, vocab_size=None, **kwargs):
-        # Identity is not checked: ZeRO-3 re-wraps module outputs for its backward hooks.
-        if new._last_loss is not None and logits.dim() == 0:
-            new._last_loss = None
-            return logits
-        return fallback[0](logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
-
-    model.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    model.loss_function = loss_function
-    return new

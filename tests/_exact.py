@@ -15,7 +15,7 @@ import torch
 from reference import shard_reference
 
 NAMES = ("out", "dq", "dk", "dv")
-# (atol, rtol) for (forward, gradients); SPEC-dilated.md: fp32 1e-5 forward, 1e-4 gradients.
+# (atol, rtol) for (forward, gradients); docs/dilated.md: fp32 1e-5 forward, 1e-4 gradients.
 DENSE_TOL = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-10, 1e-10)}
 DILATED_TOL = {torch.float32: ((1e-5, 1e-5), (1e-4, 1e-5)), torch.float64: ((1e-10, 1e-10),) * 2}
 

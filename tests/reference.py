@@ -68,7 +68,7 @@ def sdpa_reference(
 def validate_dilated(
     seq_len: int, segment_lengths: Sequence[int], dilation_rates: Sequence[int]
 ) -> None:
-    """Raise ValueError for every rule of SPEC-dilated.md 'Validation'."""
+    """Raise ValueError for every rule of docs/dilated.md "What is refused"."""
     w_list, r_list = list(segment_lengths), list(dilation_rates)
     if len(w_list) == 0 or len(r_list) == 0:
         raise ValueError(f"segment_lengths {w_list} and dilation_rates {r_list} must be non-empty")
@@ -101,7 +101,7 @@ def dilated_reference(
     scale: float | None = None,
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """LongNet dilated attention exactly as SPEC-dilated.md states it, on the full sequence.
+    """LongNet dilated attention exactly as docs/dilated.md defines it, on the full sequence.
 
     Returns out (B, S, H, D) and, with ``return_lse``, the merged L (B, S, H) (-inf where no
     branch selects the position).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from seqpar_ring.bench import e2e, reach
+from seqpar_ring.tools.bench import e2e, reach
 
 
 def test_parse_reach_flags():
@@ -58,6 +58,13 @@ def test_plan_options_follow_the_run():
     assert (dense.attention, dense.layout, dense.dilation_rates) == ("ring", "zigzag", ())
     assert dil.activation_offload and dil.tiled_mlp and dil.reserve_gib == 0
     assert not reach.plan_options(Run, a, offload=False).activation_offload
+    assert dil.ulysses_size == 1
+
+    class Hybrid(Run):  # a seqpar engine run as Ulysses x ring
+        world, ulysses = 4, 2
+
+    assert reach.plan_options(Hybrid, a, attention="ring").ulysses_size == 2
     a.impl_name = "alst"  # the reach options are ours only
     alst = reach.plan_options(Run, a)
     assert not alst.activation_offload and not alst.tiled_mlp and alst.attention == "ring"
+    assert reach.plan_options(Hybrid, a).ulysses_size == 1  # ALST: no Ulysses factor of ours

@@ -11,7 +11,7 @@ def test_defaults_and_valid_configs():
     assert SeqParConfig() == SeqParConfig(sp_size=1, attention="ring", layout="zigzag")
     for layout in ("contiguous", "zigzag"):
         for comm in ("ring", "allgather"):
-            for kernel in ("auto", "torch", "cudnn", "flash", "flex"):
+            for kernel in ("auto", "torch", "cudnn", "flash"):
                 SeqParConfig(sp_size=4, layout=layout, comm=comm, kernel=kernel, bucket_size=64)
     cfg = SeqParConfig(sp_size=2, **DILATED)
     assert cfg.segment_lengths == (8, 16) and cfg.dilation_rates == (1, 2)  # lists -> tuples

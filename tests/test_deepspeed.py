@@ -63,6 +63,22 @@ def test_flags_override_json(tmp_path):
     assert cfg.sp_size == 2  # no flag: the JSON value
 
 
+def test_flags_accept_what_launchers_pass():
+    import deepspeed
+
+    parser = sp_ds.add_argparse_args(deepspeed.add_config_arguments(argparse.ArgumentParser()))
+    args = parser.parse_args(["--local_rank=1", "--deepspeed", "--deepspeed_config", "c.json",
+                              "--sequence-parallel-size", "2"])  # the deepspeed launcher
+    assert (args.local_rank, args.sp_size, args.deepspeed) == (1, 2, True)
+    assert parser.parse_args(["--local-rank=3"]).local_rank == 3  # torch.distributed.launch
+    assert parser.parse_args([]).local_rank == -1
+    own = argparse.ArgumentParser()
+    own.add_argument("--local_rank", type=int, default=7, help="the script's own")
+    sp_ds.add_argparse_args(own)  # kept, not clobbered; the other spelling is added
+    assert own.parse_args([]).local_rank == 7
+    assert own.parse_args(["--local-rank", "2"]).local_rank == 2
+
+
 def test_deepspeed_ignores_the_section():
     from deepspeed.runtime.config import DeepSpeedConfig
 

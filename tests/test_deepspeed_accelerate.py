@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -34,8 +35,20 @@ def _accelerate_body(rank, world, path):
 
     accelerator = Accelerator()
     model = T._tiny_llama()
-    cfg, g = setup_sequence_parallel(accelerator, model)
+    live = accelerator.state.deepspeed_plugin.deepspeed_config
+    micro_cfg = live["train_micro_batch_size_per_gpu"]
+    live["train_micro_batch_size_per_gpu"] = "auto"  # accelerate could only fill it from prepare
+    with pytest.raises(ValueError, match=r"train_micro_batch_size_per_gpu is \"auto\""):
+        setup_sequence_parallel(accelerator, model)
+    live["train_micro_batch_size_per_gpu"] = micro_cfg
+    with warnings.catch_warnings(record=True) as caught:  # accelerate counts 1 process on CPU
+        warnings.simplefilter("always")
+        cfg, g = setup_sequence_parallel(accelerator, model)
+    assert (accelerator.num_processes == world) or rank != 0 or any(
+        "is_main_process=True" in str(w.message) for w in caught)
     engine, optimizer = accelerator.prepare(model, DummyOptim(model.parameters()))
+    with pytest.raises(ValueError, match=r"before accelerator\.prepare"):
+        setup_sequence_parallel(accelerator, engine)
     assert (engine.dp_world_size, engine.seq_dp_world_size) == (g.dp_size, world)
     micro = 2
     data = T._batches(T.STEPS, micro * g.dp_size)

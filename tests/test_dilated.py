@@ -1,4 +1,4 @@
-"""Exactness of dilated_attention on 1-4 gloo ranks against SPEC-dilated.md (tests/reference.py).
+"""Exactness of dilated_attention on 1-4 gloo ranks against docs/dilated.md (tests/reference.py).
 
 References are computed once in the parent process (the naive reference loops in Python) and
 shipped to the ranks; every rank compares its rows of out and dq/dk/dv. One spawn per world
@@ -59,7 +59,7 @@ SCHEDULES = [
 BUCKET_SCHEDULES = ("w8r2 (w < S/p)", "multi-branch", "S64 multi-branch")
 BUCKETS = (16, 64)
 BUCKET_TOL = {torch.float32: (2e-6, 2e-6), torch.float64: (1e-12, 1e-12)}
-# invalid on S = 48 (SPEC-dilated.md 'Validation'), with the value the message must name
+# invalid on S = 48 (docs/dilated.md, "What is refused"), with the value the message must name
 INVALID = [
     ((20,), (1,), "20"),  # 48 % 20 != 0
     ((10,), (3,), "10"),  # 10 % 3 != 0
@@ -148,7 +148,7 @@ def _check_refusals(results: list[dict]) -> None:
                 problems[key] = problems.get(key, 0) + 1
     assert not problems, (
         f"{sum(problems.values())} spec-valid case(s) refused with ValueError over all ranks "
-        "(SPEC-dilated.md: exact for any valid schedule, rank count and layout):\n"
+        "(docs/dilated.md: exact for any valid schedule and rank count):\n"
         + "\n".join(f"  [{n} x] {key}" for key, n in problems.items())
     )
 
@@ -260,6 +260,42 @@ def _ring_equality_cases(p, rank, group, attempts) -> int:
     return n
 
 
+def _padding_cases(p, rank, group) -> int:
+    """Right-padded rows under causal attention: the real rows equal the reference on the whole
+    row (padding is in their future); dout is 0 on padding rows, as in training. Left padding
+    and packed documents raise on every rank."""
+    from seqpar_ring.layout import shard
+
+    seq = 64 if p != 3 else 48
+    sched = ("pad", seq, (seq // 4, seq), (1, 2))
+    ids = torch.zeros(BATCH, seq, dtype=torch.long)
+    ids[0, -5:] = -1
+    data = make_inputs(2100, BATCH, seq, 4, 2, HEAD_DIM)
+    data["dout"] = data["dout"].masked_fill((ids < 0)[:, :, None, None], 0.0)
+    ref = reference_fwd_bwd(lambda q, k, v: dilated_reference(q, k, v, sched[2], sched[3],
+                                                                causal=True), data)
+    local = shard(ids, p, rank, "contiguous", dim=1).contiguous()
+    got = sharded_fwd_bwd(lambda q, k, v: _dilated(q, k, v, group, sched, causal=True,
+                                                   doc_ids=local),
+                          data, p, rank, "contiguous", torch.float64)
+    free = (local < 0)[:, :, None, None]
+    got[0], want = got[0].masked_fill(free, 0), shard_expected(ref, p, rank, "contiguous")
+    want[0] = want[0].masked_fill(free, 0)
+    assert_close(got, want, [DENSE_TOL[torch.float64]], f"dilated right padding p={p}")
+    q = torch.randn(BATCH, seq // p, 4, HEAD_DIM)
+    for name, bad in (("left padding", torch.where(torch.arange(seq) < 3, -1, 0)),
+                      ("packed", (torch.arange(seq) >= seq // 2).long())):
+        bad = shard(bad.expand(BATCH, seq), p, rank, "contiguous", dim=1).contiguous()
+        for causal in (True, False):
+            try:
+                _dilated(q, q, q, group, sched, causal=causal, doc_ids=bad)
+            except ValueError as err:
+                assert "right-padded rows" in str(err), err
+                continue
+            raise AssertionError(f"dilated {name} causal={causal} p={p}: expected ValueError")
+    return 1
+
+
 def _validation_cases(p, rank, group) -> list[str]:
     """Invalid schedules raise ValueError naming the value on every rank (and never hang)."""
     messages = []
@@ -287,6 +323,7 @@ def _dilated_worker(rank: int, world: int, blob: bytes) -> dict:
         "bucket": _bucket_cases(world, rank, group, cases, attempts),
         "ring_equal": _ring_equality_cases(world, rank, group, attempts),
         "validation": _validation_cases(world, rank, group),
+        "padding": _padding_cases(world, rank, group),
     }
     dist.barrier()
     counts["refused"] = attempts.refused

@@ -84,6 +84,9 @@ def test_finetune_end_to_end_and_plot(tmp_path):
                  "--seq-len", "128", "--batch-size", "4", "--curriculum", "0", "--warmup", "5",
                  "--save-every", "20", "--eval-per-depth", "2", "--log-every", "10"], 85)
     assert "passkey accuracy by needle depth" in proc.stdout
+    # it says where its outputs are and how to plot them
+    assert f"outputs in {out}/" in proc.stdout and "latest global_step40" in proc.stdout
+    assert f"plot: python -m seqpar_ring.plot {out}" in proc.stdout
 
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in recs if "eval" not in r]
@@ -125,6 +128,17 @@ def test_trainer_with_deepspeed_config_trains(tmp_path):
 
 
 def test_plot_names_a_missing_run(tmp_path):
-    from seqpar_ring.plot import main
+    from seqpar_ring.tools.plot import main
 
     assert main([str(tmp_path)]) == 1
+
+
+def test_trainer_help_shows_defaults(capsys):
+    import finetune_trainer
+
+    with pytest.raises(SystemExit) as exit_:
+        finetune_trainer.parse_args(["--help"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for text in ("(default: 800)", "(default: runs/passkey_trainer)", "(default: 256)"):
+        assert text in out, text

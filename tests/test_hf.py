@@ -239,9 +239,15 @@ def _feature_and_error_cases(groups) -> None:
 
     dil = SeqParConfig(sp_size=2, attention="dilated", layout="contiguous",
                        segment_lengths=[8, 16], dilation_rates=[1, 2])
-    for kind in ("pad", "packed"):
-        expect_error(ValueError, "dilated attention cannot mask", SPDataCollator(dil, groups),
-                     [dict(zip(make_batch(kind), row)) for row in zip(*make_batch(kind).values())])
+    def rows(kind):
+        return [dict(zip(make_batch(kind), row)) for row in zip(*make_batch(kind).values())]
+
+    expect_error(ValueError, "packed documents", SPDataCollator(dil, groups), rows("packed"))
+    dilated_model = tiny_model("llama")
+    patch(dilated_model, dil, groups)
+    # left padding (row 1) is visible to later real tokens: only right padding is accepted
+    expect_error(ValueError, "right-padded rows", dilated_model,
+                 **SPDataCollator(dil, groups)(rows("pad")))
 
 
 def _dp_sampler_case(rank: int, world: int) -> None:

@@ -189,6 +189,11 @@ def test_config_keys_and_flags():
                               "--no-sequence-parallel-tiled-mlp"])
     cfg, _ = sp_ds.config_from_args(args, {"sequence_parallel": {"tiled_mlp": True}})
     assert cfg.activation_offload and not cfg.tiled_mlp  # flags override the JSON
+    both = parser.parse_args(["--sequence-parallel-size", "2", "--ulysses-size", "2",
+                              "--sequence-parallel-tiled-mlp", "--local_rank=1"])
+    cfg, _ = sp_ds.config_from_args(both, {})  # reach flags next to main's ulysses/launcher flags
+    assert (cfg.ulysses_size, cfg.tiled_mlp, cfg.activation_offload, both.local_rank) == (
+        2, True, False, 1)
     assert sp_ds.config_from_args(parser.parse_args([]), {})[0] == SeqParConfig()
     from seqpar_ring.integrations import hf_reach
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from seqpar_ring import plan as P
+from seqpar_ring.tools import plan as P
 
 GIB = 2**30
 
@@ -216,3 +216,35 @@ def test_cli_reach_table(capsys):
     assert "host: checkpoints" in out and "limited by host memory" in out
     assert "+ offload + tiled MLP" in out and "dilated (r = 1,2,4,8,16)" in out
     assert "1,048,576 tokens: GPU fits, host fits" in out
+
+
+def _longest(out: str) -> int:
+    line = next(x for x in out.splitlines() if x.startswith("longest sequence"))
+    return int(line.rsplit(":", 1)[1].split()[0].replace(",", ""))
+
+
+def test_cli_gpu_memory_given_detected_or_default(monkeypatch, capsys):
+    import torch
+
+    readme = ["--model", "llama-1.1b", "--gpus", "2", "--seq-len", "262144"]
+    P.main(readme + ["--gpu-mem-gib", "141"])  # the README's command: 1.25M on 141 GiB
+    out = capsys.readouterr().out
+    assert "GPU memory: 141 GiB per GPU (--gpu-mem-gib)" in out
+    assert round(_longest(out) / 1e6, 2) == 1.25
+
+    class Props:  # what CUDA reports for device 0
+        total_memory, name = 141 * GIB, "Test GPU"
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: Props())
+    P.main(readme)
+    detected = capsys.readouterr().out
+    assert "GPU memory: 141 GiB per GPU (detected: CUDA device 0, Test GPU)" in detected
+    assert _longest(detected) == _longest(out)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    P.main(readme)
+    fallback = capsys.readouterr().out
+    assert f"GPU memory: {P.FALLBACK_GPU_MEM_GIB:g} GiB per GPU (no CUDA device found" in fallback
+    assert _longest(fallback) == P.max_seq_len(P.PRESETS["llama-1.1b"], P.PlanOptions(gpus=2),
+                                              P.FALLBACK_GPU_MEM_GIB)

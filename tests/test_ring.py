@@ -45,6 +45,48 @@ def _doc_ids() -> torch.Tensor:
     return torch.tensor([row0, row1])
 
 
+def _doc_patterns() -> dict[str, torch.Tensor]:
+    """Rows of SEQ tokens: rows that differ, equal-length documents (batched dense calls),
+    right padding only (causal: the plain path), one document crossing every shard."""
+    same = [0] * 6 + [1] * 6 + [2] * 6 + [3] * 6 + [4] * 10 + [5] * 14
+    return {
+        "mixed": _doc_ids(),
+        "equal": torch.tensor([same, same]),
+        "right_padded": torch.tensor([[0] * 40 + [-1] * 8, [0] * SEQ]),
+        "long_doc": torch.tensor([[0] * 5 + [1] * 40 + [2] * 3, [0] * 30 + [1] * 18]),
+    }
+
+
+def _loss_free(doc_ids: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Rows whose output is unspecified: under causal, a row's trailing padding (it joins the
+    last document, invisible to every real token, and carries no loss)."""
+    if not causal:
+        return torch.zeros_like(doc_ids, dtype=torch.bool)
+    real = (doc_ids >= 0).long()
+    after_last = real.flip(1).cumsum(1).flip(1) == 0  # no real token at or after this one
+    return after_last & (doc_ids < 0)
+
+
+def _doc_reference(doc_ids, causal, data):
+    """Reference out/grads with dout = 0 on loss-free rows (as in training), and their mask."""
+    free = _loss_free(doc_ids, causal)
+    data = dict(data, dout=data["dout"].masked_fill(free[:, :, None, None], 0.0))
+    ref = reference_fwd_bwd(lambda q, k, v: sdpa_reference(q, k, v, causal, doc_ids=doc_ids), data)
+    return data, ref, free
+
+
+def _check_docs(got, want, free_local, pad_local, tol, ctx, dtype=None) -> None:
+    """out is compared where specified; every gradient everywhere; other padding rows are 0."""
+    got = [got[0].masked_fill(free_local[:, :, None, None], 0.0), *got[1:]]
+    want = [want[0].masked_fill(free_local[:, :, None, None], 0.0), *want[1:]]
+    assert_close(got, want, [tol], ctx, dtype)
+    zero = pad_local & ~free_local
+    if zero.any():
+        # padding queries that see no key: exactly 0 (not NaN, not an average)
+        assert (got[0][zero] == 0).all(), f"{ctx}: fully masked rows are not 0"
+        assert (got[1][zero] == 0).all(), f"{ctx}: dq of fully masked rows is not 0"
+
+
 def _ring(q, k, v, group, **kw):
     return seqpar_ring.ring_attention(q, k, v, group, kernel="torch", **kw)
 
@@ -148,50 +190,40 @@ def _bucket_and_scale_cases(p: int, rank: int, group) -> int:
 
 
 def _doc_id_cases(p: int, rank: int, group) -> int:
+    """Packed documents and padding: every pattern, layout and comm, with dense calls, batched
+    (segmented) dense calls and varlen calls (``DENSE_MIN_TOKENS`` chooses which runs are dense)."""
+    from seqpar_ring import documents
     from seqpar_ring.layout import shard
 
     n = 0
     h, hkv = 8, 2
-    doc_ids = _doc_ids()
-    for causal in (True, False):
-        data = make_inputs(300 + causal, BATCH, SEQ, h, hkv, HEAD_DIM)
-        ref = reference_fwd_bwd(
-            lambda q, k, v: sdpa_reference(q, k, v, causal, doc_ids=doc_ids), data
-        )
-        for layout, comm, dtype, bucket in itertools.product(LAYOUTS, COMMS, DTYPES, (None, 5)):
-            ids_local = shard(doc_ids, p, rank, layout, dim=1).contiguous()
-            pad_local = ids_local < 0
-            ctx = (
-                f"ring_attention doc_ids p={p} rank={rank} causal={causal} layout={layout} "
-                f"comm={comm} dtype={dtype} bucket_size={bucket}"
-            )
-            got = sharded_fwd_bwd(
-                lambda q, k, v: _ring(
-                    q,
-                    k,
-                    v,
-                    group,
-                    causal=causal,
-                    layout=layout,
-                    comm=comm,
-                    doc_ids=ids_local,
-                    bucket_size=bucket,
-                ),
-                data,
-                p,
-                rank,
-                layout,
-                dtype,
-            )
-            assert torch.equal(ids_local, shard(doc_ids, p, rank, layout, dim=1)), (
-                f"{ctx}: ring_attention modified the caller's doc_ids tensor in place"
-            )
-            assert_close(got, shard_expected(ref, p, rank, layout), [DENSE_TOL[dtype]], ctx, dtype)
-            if pad_local.any():
-                # padding queries see no key at all: exactly 0 (not NaN, not an average)
-                assert (got[0][pad_local] == 0).all(), f"{ctx}: fully masked rows are not 0"
-                assert (got[1][pad_local] == 0).all(), f"{ctx}: dq of fully masked rows is not 0"
-            n += 1
+    # (dtype, bucket_size, min_dense): varlen only, dense only, and a mix of both
+    variants = [(torch.float32, None, 10**9), (torch.float64, 5, 1), (torch.float64, None, 6)]
+    default = documents.DENSE_MIN_TOKENS
+    try:
+        for (name, doc_ids), causal in itertools.product(_doc_patterns().items(), (True, False)):
+            data, ref, free = _doc_reference(
+                doc_ids, causal, make_inputs(300 + causal + 2 * n, BATCH, SEQ, h, hkv, HEAD_DIM))
+            for layout, comm, (dtype, bucket, min_dense) in itertools.product(
+                    LAYOUTS, COMMS, variants):
+                documents.DENSE_MIN_TOKENS = min_dense
+                ids_local = shard(doc_ids, p, rank, layout, dim=1).contiguous()
+                ctx = (f"ring_attention doc_ids={name} p={p} rank={rank} causal={causal} "
+                       f"layout={layout} comm={comm} dtype={dtype} bucket_size={bucket} "
+                       f"min_dense={min_dense}")
+                got = sharded_fwd_bwd(
+                    lambda q, k, v: _ring(q, k, v, group, causal=causal, layout=layout,
+                                          comm=comm, doc_ids=ids_local, bucket_size=bucket),
+                    data, p, rank, layout, dtype)
+                assert torch.equal(ids_local, shard(doc_ids, p, rank, layout, dim=1)), (
+                    f"{ctx}: ring_attention modified the caller's doc_ids tensor in place"
+                )
+                _check_docs(got, shard_expected(ref, p, rank, layout),
+                            shard(free, p, rank, layout, dim=1), ids_local < 0,
+                            DENSE_TOL[dtype], ctx, dtype)
+                n += 1
+    finally:
+        documents.DENSE_MIN_TOKENS = default
     return n
 
 
@@ -302,8 +334,7 @@ def _without_process_group(causal: bool) -> None:
         )
         assert_close(got, shard_expected(ref, 1, 0, layout), [DENSE_TOL[dtype]], ctx, dtype)
     doc_ids = _doc_ids()
-    data = make_inputs(600, BATCH, SEQ, 8, 2, HEAD_DIM)
-    ref = reference_fwd_bwd(lambda q, k, v: sdpa_reference(q, k, v, causal, doc_ids=doc_ids), data)
+    data, ref, free = _doc_reference(doc_ids, causal, make_inputs(600, BATCH, SEQ, 8, 2, HEAD_DIM))
     got = sharded_fwd_bwd(
         lambda q, k, v: _ring(q, k, v, None, causal=causal, doc_ids=doc_ids),
         data,
@@ -312,10 +343,5 @@ def _without_process_group(causal: bool) -> None:
         "contiguous",
         torch.float64,
     )
-    assert_close(
-        got,
-        shard_expected(ref, 1, 0, "contiguous"),
-        [DENSE_TOL[torch.float64]],
-        f"ring_attention group=None doc_ids causal={causal}",
-    )
-    assert (got[0][doc_ids < 0] == 0).all(), "padding queries must give exactly 0"
+    _check_docs(got, shard_expected(ref, 1, 0, "contiguous"), free, doc_ids < 0,
+                DENSE_TOL[torch.float64], f"ring_attention group=None doc_ids causal={causal}")

@@ -1,13 +1,16 @@
 """Local block-attention kernels: (q block, k/v block) -> (out, lse) and its backward.
 
-Every kernel has the same two static functions (see ``torch_kernel.block_forward`` /
-``block_backward`` for the contract); the ring does not know which one runs.
+Every kernel has the same static functions (see ``torch_kernel.block_forward`` /
+``block_backward`` / ``varlen_forward`` for the contract); the ring does not know which one runs.
 
-| name    | where       | dtypes     | packed docs | notes                            |
-| ------- | ----------- | ---------- | ----------- | -------------------------------- |
-| `torch` | CPU and GPU | any float  | yes         | bucketed reference, fp64-exact   |
-| `cudnn` | CUDA sm80+  | bf16, fp16 | no          | fastest on H100/H200             |
-| `flash` | CUDA sm80+  | bf16, fp16 | no          | FlashAttention-2 backend of SDPA |
+| name    | where       | dtypes     | varlen calls (documents) | notes                    |
+| ------- | ----------- | ---------- | ------------------------ | ------------------------ |
+| `torch` | CPU and GPU | any float  | per-document loop        | bucketed reference, fp64 |
+| `cudnn` | CUDA sm80+  | bf16, fp16 | FlashAttention-2 varlen  | fastest on H100/H200     |
+| `flash` | CUDA sm80+  | bf16, fp16 | FlashAttention-2 varlen  | FlashAttention-2 of SDPA |
+
+Packed documents reach a kernel as dense calls on row slices (one document, or several of one
+length batched) and varlen calls (several short documents end to end): see `documents.py`.
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ logger = logging.getLogger("seqpar_ring")
 
 TorchKernel = SimpleNamespace(
     name="torch",
-    supports_doc_ids=True,
+    supports_masks=True,  # row-masked calls (dilated windows that straddle chunks)
     needs_delta=True,  # takes rowsum(dout * out) precomputed once per pass
     forward=torch_kernel.block_forward,
     backward=torch_kernel.block_backward,
+    varlen_forward=torch_kernel.varlen_forward,
+    varlen_backward=torch_kernel.varlen_backward,
 )
 
 KERNELS = {"torch": TorchKernel, "cudnn": CudnnKernel, "flash": FlashKernel}
@@ -49,24 +54,20 @@ def _warn_once(msg: str) -> None:
         logger.warning(msg)
 
 
-def select_kernel(name: str, q: torch.Tensor, *, doc_ids: bool = False):
-    """Resolve a kernel name ("auto" included) for inputs like ``q``; raise if it cannot run."""
+def select_kernel(name: str, q: torch.Tensor, *, masked: bool = False):
+    """Resolve a kernel name ("auto" included) for inputs like ``q``; raise if it cannot run.
+
+    ``masked``: the pass needs row-masked calls, which only the torch kernel has.
+    """
     if name == "auto":
-        if q.is_cuda and q.dtype in _FUSED_DTYPES and not doc_ids:
+        if q.is_cuda and q.dtype in _FUSED_DTYPES and not masked:
             name = "cudnn" if _cudnn_available() else "flash"
         else:
             name = "torch"
             if q.is_cuda:
-                _warn_once("kernel='auto' runs the pure-torch kernel on CUDA (packed documents, "
-                           "padding masks or fp32 inputs): correct but slow; set bucket_size "
-                           "(e.g. 2048) to bound its memory")
-    if name == "flex":
-        # FlexAttention has no CPU backward (so no CI path) and no lse-gradient-free way to take
-        # the merged lse; until a GPU-tested flex kernel lands, say so instead of faking one.
-        raise NotImplementedError(
-            "kernel='flex' is not implemented yet: use kernel='torch' for packed documents and "
-            "masks, 'cudnn' or 'flash' for plain causal attention on GPU"
-        )
+                _warn_once("kernel='auto' runs the pure-torch kernel on CUDA (fp32/fp64 inputs, "
+                           "or dilated segments not aligned with the shards): correct but slow; "
+                           "set bucket_size (e.g. 2048) to bound its memory")
     if name not in KERNELS:
         raise ValueError(f"kernel={name!r} is not one of {('auto', *KERNELS)}")
     kernel = KERNELS[name]
@@ -78,10 +79,11 @@ def select_kernel(name: str, q: torch.Tensor, *, doc_ids: bool = False):
                 f"kernel={name!r} runs bf16/fp16, got {q.dtype}; cast the model or use "
                 "kernel='torch'"
             )
-        if doc_ids:
+        if masked:
             raise ValueError(
-                f"kernel={name!r} cannot mask packed documents; use kernel='torch' for packed "
-                "sequences"
+                f"kernel={name!r} cannot run dilated segments that are not aligned with the "
+                "shards; use segment lengths that divide (or are multiples of) the per-rank "
+                "length, or kernel='torch'"
             )
     return kernel
 

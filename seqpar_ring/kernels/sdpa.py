@@ -33,12 +33,50 @@ def _fold_kv_grad(dx: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return dx.unflatten(1, (kv_heads, h // kv_heads)).sum(2, dtype=torch.float32)
 
 
+def _tokens_major(x: torch.Tensor) -> torch.Tensor:
+    """(1, H, n, D) -> (n, H, D), the varlen ops' layout: a view for the model's memory."""
+    t = x[0].transpose(0, 1)
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def varlen_forward(q, k, v, spec, *, causal, scale, bucket_size=None):
+    """FlashAttention-2 varlen: sequences laid end to end (``spec``: `schedule.VarlenSpec`).
+
+    q (1, H, q_total, D), k/v (1, Hkv, k_total, D) (GQA read directly). Returns out
+    (1, H, q_total, D) and lse (1, H, q_total) fp32. The op writes lse = +inf for rows whose
+    sequence has no key (padding gaps); the merge needs -inf there.
+    """
+    cu_q, cu_k = spec.cu_seqlens(q.device)
+    out, lse = aten._flash_attention_forward(
+        _tokens_major(q), _tokens_major(k), _tokens_major(v), cu_q, cu_k, spec.max_q,
+        spec.max_k, 0.0, causal, False, scale=scale)[:2]
+    if spec.has_empty:
+        lse = lse.masked_fill(lse == float("inf"), float("-inf"))
+    return out.transpose(0, 1).unsqueeze(0), lse.unsqueeze(0)
+
+
+def varlen_backward(dout, q, k, v, out, lse, spec, *, causal, scale, bucket_size=None,
+                    delta=None):
+    """Gradients of `varlen_forward` given the MERGED out/lse. K/V grads keep Hkv heads."""
+    cu_q, cu_k = spec.cu_seqlens(q.device)
+    zero = torch.zeros((), dtype=torch.int64, device=q.device)
+    dq, dk, dv = aten._flash_attention_backward(
+        _tokens_major(dout), _tokens_major(q), _tokens_major(k), _tokens_major(v),
+        _tokens_major(out), lse[0].contiguous(), cu_q, cu_k, spec.max_q, spec.max_k, 0.0, causal,
+        zero, zero, scale=scale)
+    return (dq.transpose(0, 1).unsqueeze(0), dk.transpose(0, 1).unsqueeze(0),
+            dv.transpose(0, 1).unsqueeze(0))
+
+
 class CudnnKernel:
     """cuDNN fused attention (fastest on Hopper for bf16/fp16 in BENCHMARKS.md)."""
 
     name = "cudnn"
-    supports_doc_ids = False
+    supports_masks = False
     needs_delta = False
+    # cuDNN's own varlen backward returned wrong gradients on torch 2.11: documents go to flash
+    varlen_forward = staticmethod(varlen_forward)
+    varlen_backward = staticmethod(varlen_backward)
 
     @staticmethod
     def forward(q, k, v, *, causal, scale, q_doc=None, k_doc=None, bucket_size=None):
@@ -64,8 +102,10 @@ class FlashKernel:
     """FlashAttention-2 backend of SDPA."""
 
     name = "flash"
-    supports_doc_ids = False
+    supports_masks = False
     needs_delta = False
+    varlen_forward = staticmethod(varlen_forward)
+    varlen_backward = staticmethod(varlen_backward)
 
     @staticmethod
     def forward(q, k, v, *, causal, scale, q_doc=None, k_doc=None, bucket_size=None):

@@ -144,3 +144,44 @@ def block_backward(
             dq[..., qs:qe, :] += torch.matmul(ds, kb) * scale
             dk[..., ks:ke, :] += (torch.matmul(ds.transpose(-1, -2), qb) * scale).sum(2)
     return dq.flatten(1, 2), dk, dv
+
+
+def _spans(spec):
+    """(q_start, q_end, k_start, k_end) of each sequence of a varlen spec."""
+    qa = ka = 0
+    for ql, kl in spec.seqs:
+        yield qa, qa + ql, ka, ka + kl
+        qa, ka = qa + ql, ka + kl
+
+
+def varlen_forward(q, k, v, spec, *, causal: bool, scale: float, bucket_size: int | None = None):
+    """Attention of sequences laid end to end (``spec``: a `schedule.VarlenSpec`).
+
+    q: (1, heads, q_total, head_dim); k, v: (1, kv_heads, k_total, head_dim). Sequence i pairs
+    its Q rows with its K/V rows; ``causal`` sequences have equal lengths. Rows of a sequence
+    with no keys: out 0, lse -inf. Returns (out, lse) in the accumulation dtype.
+    """
+    out, lse = empty_accumulators(q, accumulation_dtype(q.dtype))
+    for qa, qb, ka, kb in _spans(spec):
+        if qa < qb and ka < kb:
+            o, l_ = block_forward(q[:, :, qa:qb], k[:, :, ka:kb], v[:, :, ka:kb], causal=causal,
+                                  scale=scale, bucket_size=bucket_size)
+            out[:, :, qa:qb], lse[:, :, qa:qb] = o, l_
+    return out, lse
+
+
+def varlen_backward(dout, q, k, v, out, lse, spec, *, causal: bool, scale: float,
+                    bucket_size: int | None = None, delta=None):
+    """Gradients of `varlen_forward` given the MERGED out/lse (rows as in the forward)."""
+    acc = accumulation_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+    for qa, qb, ka, kb in _spans(spec):
+        if qa < qb and ka < kb:
+            rows = (slice(None), slice(None), slice(qa, qb))
+            dq[rows], dk[:, :, ka:kb], dv[:, :, ka:kb] = block_backward(
+                dout[rows], q[rows], k[:, :, ka:kb], v[:, :, ka:kb], out[rows], lse[rows],
+                causal=causal, scale=scale, bucket_size=bucket_size,
+                delta=None if delta is None else delta[rows])
+    return dq, dk, dv

@@ -15,8 +15,8 @@ import argparse
 import torch
 import torch.distributed as dist
 
-from ..dilated import dilated_attention
-from ..ring import ring_attention
+from seqpar_ring.dilated import dilated_attention
+from seqpar_ring.ring import ring_attention
 from .common import (attention_flops, init_from_env, peak_gib, print_table, reset_peak, timeit,
                      write_json)
 

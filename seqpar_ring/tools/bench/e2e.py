@@ -3,11 +3,14 @@
     torchrun --nproc_per_node 2 -m seqpar_ring.bench e2e --impl seqpar alst \
         --seq 65536 262144 1048576 --find-max --out e2e.json --plot
 
-Per implementation, one model with random weights (``--model`` preset of seqpar_ring.plan,
+Per implementation, one model with random weights (``--model`` preset of seqpar_ring.tools.plan,
 default llama-1.1b), bf16, DeepSpeed ZeRO-3, gradient checkpointing, one sample per step:
 
-* ``seqpar``: ours — ``integrations.hf.patch`` (ring attention) + ``seqpar_ring.tiled`` loss,
-  engine from ``integrations.deepspeed.initialize``.
+* ``seqpar``: ours — ``integrations.hf.patch`` (ring attention), engine from
+  ``integrations.deepspeed.initialize``, the tiled loss of ``integrations.hf_tiled`` (decoder
+  forward, then ``TiledLMHead(hidden, shift_labels)``). ``--ulysses-size u`` runs it as
+  Ulysses x ring (u = world: all-to-all only); ``auto`` lets the planner choose for the first
+  ``--seq``.
 * ``alst``: DeepSpeed's Ulysses (``UlyssesSPAttentionHF.register_with_transformers`` over
   SDPA) + its ``TiledFusedLogitsLoss``, the same model, config and machine.
 
@@ -38,7 +41,8 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
-from .. import plan as planner
+from seqpar_ring.tools import plan as planner
+
 from . import reach
 from .common import init_from_env, peak_gib, print_table, reset_peak, sync, write_json
 
@@ -98,18 +102,18 @@ class Impl:
     def batch(self, seq: int) -> dict:
         g = torch.Generator().manual_seed(seq)
         ids = torch.randint(0, self.spec.vocab, (1, seq), generator=g)
-        from ..layout import shard_batch
+        from seqpar_ring.layout import shard_batch
 
-        b = shard_batch({"input_ids": ids, "labels": ids}, self.world, self.rank, self.layout)
+        b = shard_batch({"input_ids": ids, "labels": ids}, self.world, self.rank, self.layout,
+                        ulysses_size=getattr(self, "ulysses", 1))
         return {k: b[k].to(self.dev) for k in ("input_ids", "position_ids", "shift_labels")}
 
 
 class SeqPar(Impl):
     def setup(self) -> None:
-        from ..config import SeqParConfig
-        from ..groups import initialize
-        from ..integrations.deepspeed import initialize as ds_initialize
-        from ..tiled import enable_tiled_loss
+        from seqpar_ring.config import SeqParConfig
+        from seqpar_ring.integrations.deepspeed import initialize as ds_initialize
+        from seqpar_ring.integrations.hf_tiled import use_tiled_lm_head
 
         a = self.a
         section = {"size": self.world, "attention": a.attention, "layout": a.layout,
@@ -118,23 +122,30 @@ class SeqPar(Impl):
         if a.attention == "dilated":
             section.update(segment_lengths=a.segments, dilation_rates=a.rates)
         cfg = SeqParConfig.from_dict({k: v for k, v in section.items() if k != "size"}
-                                     | {"sp_size": self.world})
+                                     | {"sp_size": self.world, "ulysses_size": a.ulysses_size})
+        cfg = planner.resolve_ulysses_size(cfg, seq_len=a.seq[0] if a.seq else None,
+                                           heads=self.spec.heads, kv_heads=self.spec.kv_heads,
+                                           head_dim=self.spec.d)
+        section["ulysses_size"] = self.ulysses = cfg.ulysses_size
+        if self.rank == 0:
+            print(f"seqpar: ulysses_size {a.ulysses_size} -> {cfg.ulysses_size}", flush=True)
         self.layout, self.divisor = cfg.layout, cfg.seq_len_divisor
-        groups = self.groups = initialize(self.world)  # the ones integrations.deepspeed uses
         model = build_model(self.spec, a.torch_dtype, "sdpa")
-        enable_tiled_loss(model, a.loss_tile, groups)  # before ZeRO-3 hooks are attached
+        use_tiled_lm_head(model, a.loss_tile)  # before ZeRO-3 hooks are attached
         config = {**ds_config(a, self.world, self.dev.type == "cuda"),
                   "sequence_parallel": section}
         self.engine = ds_initialize(model=model, config=config,
                                     model_parameters=model.parameters())[0]
 
     def offload(self):
-        from ..integrations.hf_reach import get_activation_offload
+        from seqpar_ring.integrations.hf_reach import get_activation_offload
 
         return None if self.engine is None else get_activation_offload(self.engine.module)
 
     def step(self, b: dict) -> float:
-        loss = self.engine(**b, use_cache=False).loss
+        from seqpar_ring.integrations.hf_tiled import tiled_causal_lm_loss
+
+        loss = tiled_causal_lm_loss(self.engine.module, b, self.engine.seqpar_groups)
         self.engine.backward(loss)
         self.engine.step()
         return loss.item()
@@ -331,11 +342,21 @@ def plot(json_path: str, prefix: str | None = None) -> list[str]:
     return written
 
 
+def _int_or_auto(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither an integer nor 'auto'") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m seqpar_ring.bench e2e", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--impl", nargs="+", default=["seqpar", "alst"], choices=sorted(IMPLS))
-    p.add_argument("--model", default="llama-1.1b", help="seqpar_ring.plan preset or config")
+    p.add_argument("--model", default="llama-1.1b",
+                   help="preset of seqpar_ring.tools.plan or a config.json")
     p.add_argument("--seq", type=int, nargs="*", default=[65536, 262144, 1048576])
     p.add_argument("--steps", type=int, default=3, help="timed steps per point after its "
                    "warm-up step; 0: the point's first step is the measurement (use with "
@@ -357,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rates", type=int, nargs="*", default=[])
     p.add_argument("--layout", default="zigzag", choices=("contiguous", "zigzag"))
     p.add_argument("--kernel", default="auto")
+    p.add_argument("--ulysses-size", type=_int_or_auto, default=1,
+                   help="seqpar only: Ulysses factor u of the SP group (world = u x ring), or "
+                   "'auto' (planner, for the first --seq)")
     p.add_argument("--loss-tile", type=int, default=None)
     p.add_argument("--activation-offload", default="off", choices=("off", "on", "both"),
                    help="ours: checkpointed layer inputs in pinned host memory; both: every "

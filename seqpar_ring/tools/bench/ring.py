@@ -5,7 +5,9 @@
 Every figure is measured in the same run: SDPA on one GPU with the full sequence (cuDNN and
 flash backends), our ring on all GPUs (ring and all-gather comm, each fused kernel, MHA and GQA),
 and torch's ``context_parallel`` with each SDPA backend it accepts. A correctness check against
-SDPA at a small length runs first, so a fast wrong kernel cannot make the table.
+SDPA at a small length runs first, so a fast wrong kernel cannot make the table. Ulysses
+(u = world) and Ulysses x ring rows (``--ulysses-sizes``; default every divisor of the world
+that divides the heads) come from `seqpar_ring.bench.ring_hybrid`.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..layout import shard
-from ..ring import ring_attention
+from seqpar_ring.layout import shard
+from seqpar_ring.ring import ring_attention
+
+from . import ring_hybrid
 from .common import (attention_flops, init_from_env, peak_gib, print_table, reset_peak, timeit,
                      write_json)
 
@@ -128,6 +132,9 @@ def bench_seq(args, seq, group, dev, world, rank) -> list[dict]:
                     except Exception as e:  # noqa: BLE001
                         rows.append(dict(seq=seq, what=name, kind=kind, error=repr(e)[:200]))
                     q = k = v = dout = None  # free before the next case
+        # 2b) Ulysses and Ulysses x ring, the same shapes and kernels
+        ring_hybrid.bench(args, seq, bwd, flops, dev, world, args.hybrid_sizes, _qkv, _step,
+                          record, rows)
         # 3) torch context_parallel, each backend
         if world > 1 and args.torch_cp:
             for name, backend in BACKENDS.items():
@@ -189,7 +196,7 @@ def memory_rows(args, group, dev, world, rank) -> list[dict]:
     return rows
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m seqpar_ring.bench ring", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seq", type=int, nargs="+", default=[65536, 262144], help="total tokens")
@@ -204,12 +211,22 @@ def main(argv=None):
     ap.add_argument("--no-torch-cp", dest="torch_cp", action="store_false")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--out", default="bench_ring.json")
-    args = ap.parse_args(argv)
+    ap.add_argument("--ulysses-sizes", type=int, nargs="*", default=None,
+                    help="Ulysses factors u > 1 to add as rows (u = world: pure Ulysses); "
+                    "default: every divisor of the world that divides --heads; none: no rows")
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     rank, world, dev = init_from_env()
+    args.hybrid_sizes = ring_hybrid.sizes(args.ulysses_sizes, world, args.heads)
     group = dist.group.WORLD if world > 1 else None
     result: dict = {"args": vars(args)}
     if not args.skip_check:
         result["check"] = check(group, dev, world, rank, args.kernels, args.layout)
+        result["check"] += ring_hybrid.check(args, dev, world, rank, args.hybrid_sizes, _qkv,
+                                             _sdpa_bhsd)
         if rank == 0:
             cols = ["kernel", "heads", "out_err", "dq_err", "dk_err", "dv_err", "error"]
             print_table(result["check"], cols, "correctness vs fp32 SDPA, S=4096, bf16")

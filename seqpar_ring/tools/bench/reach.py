@@ -28,7 +28,8 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
-from .. import plan as planner
+from seqpar_ring.tools import plan as planner
+
 from .common import sync
 
 GIB = 2**30
@@ -119,14 +120,20 @@ def plan_options(impl, a, *, attention: str | None = None,
         attention="dilated" if dilated else "ring",
         dilation_rates=tuple(a.rates) if dilated else (), reserve_gib=0.0,
         reduce_bucket=a.bucket, prefetch_bucket=a.bucket,
+        ulysses_size=getattr(impl, "ulysses", 1) if seqpar else 1,
         activation_offload=bool(offload and seqpar), tiled_mlp=bool(a.tiled_mlp and seqpar),
         host_reserve_gib=a.host_reserve_gib)
 
 
 # --- dense attention layer ------------------------------------------------------------------
 def attention_check(impl, seq: int, a) -> dict:
-    """One dense attention forward+backward at ``seq`` tokens over the SP group (all ranks)."""
-    from ..ring import ring_attention
+    """One dense attention forward+backward at ``seq`` tokens over the SP group (all ranks).
+
+    Over the engine's groups (`integrations.deepspeed.initialize` built them): ring attention,
+    or Ulysses x ring when the run's ``ulysses_size`` > 1, as the training step runs it.
+    """
+    from seqpar_ring.ring import ring_attention
+    from seqpar_ring.ulysses import ulysses_ring_attention
 
     spec, dev, world = impl.spec, impl.dev, impl.world
     n = seq // world
@@ -143,8 +150,13 @@ def attention_check(impl, seq: int, a) -> dict:
             torch.cuda.reset_peak_memory_stats(dev)
             base = torch.cuda.memory_allocated(dev)
         t0 = time.perf_counter()
-        out = ring_attention(q, k, v, impl.groups.sp_group, causal=True, layout="zigzag",
-                             kernel=a.kernel)
+        groups = impl.engine.seqpar_groups
+        if groups is not None and groups.ulysses_size > 1:
+            out = ulysses_ring_attention(q, k, v, groups, causal=True, layout="zigzag",
+                                         kernel=a.kernel)
+        else:
+            out = ring_attention(q, k, v, groups.sp_group if groups is not None else None,
+                                 causal=True, layout="zigzag", kernel=a.kernel)
         out.backward(dout)
         sync(dev)
         row["seconds"] = time.perf_counter() - t0

@@ -1,0 +1,103 @@
+"""Plot a fine-tuning run: ``python -m seqpar_ring.plot <run dir>`` (needs the ``plot`` extra).
+
+Reads ``<run dir>/metrics.jsonl`` as written by ``examples/finetune.py`` (one JSON object per
+line: training records ``{"step", "loss", "seq_len", "tokens_per_s", ...}`` and evaluation
+records ``{"step", "eval": {"accuracy", "by_depth": {depth: accuracy}}}``) and writes
+``loss.png`` and, when the run was evaluated, ``passkey_accuracy.png`` into the run dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+__all__ = ["read_metrics", "plot_run"]
+
+
+def read_metrics(run_dir: str) -> tuple[list[dict], list[dict]]:
+    """(training records, evaluation records) of ``<run_dir>/metrics.jsonl``, in file order."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} does not exist: pass the --out dir of examples/finetune.py")
+    train, evals = [], []
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                rec = json.loads(line)
+                (evals if "eval" in rec else train).append(rec)
+    return train, evals
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):  # trailing mean: noise of few-token losses is large
+        acc += v - (values[i - window] if i >= window else 0.0)
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def plot_run(run_dir: str) -> list[str]:
+    """Draw the PNGs of one run; returns their paths."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no display needed
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise RuntimeError("plotting needs matplotlib: pip install 'seqpar_ring[plot]'") from err
+    train, evals = read_metrics(run_dir)
+    if not train:
+        raise ValueError(f"{run_dir}/metrics.jsonl has no training records to plot")
+    written = []
+
+    steps = [r["step"] for r in train]
+    losses = [r["loss"] for r in train]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, losses, alpha=0.3, color="C0", label="loss")
+    ax.plot(steps, _smooth(losses, max(1, len(losses) // 50)), color="C0", label="smoothed")
+    ax.set(xlabel="step", ylabel="loss", title=f"training loss: {os.path.basename(run_dir)}")
+    ax.set_yscale("log")
+    if any("seq_len" in r for r in train):
+        right = ax.twinx()  # the curriculum explains jumps in the loss
+        right.plot(steps, [r.get("seq_len", 0) for r in train], color="C1", lw=1)
+        right.set_ylabel("tokens per row", color="C1")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    written.append(os.path.join(run_dir, "loss.png"))
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+
+    if evals:
+        last = evals[-1]["eval"]
+        depths = list(last["by_depth"])
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.bar(range(len(depths)), [last["by_depth"][d] for d in depths], color="C2")
+        ax.set_xticks(range(len(depths)), [f"{float(d):.0%}" for d in depths])
+        ax.set(xlabel="needle depth in the row", ylabel="passkey accuracy", ylim=(0, 1.05),
+               title=f"passkey accuracy at step {evals[-1]['step']} "
+                     f"(overall {last['accuracy']:.2f})")
+        fig.tight_layout()
+        written.append(os.path.join(run_dir, "passkey_accuracy.png"))
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m seqpar_ring.plot", description=__doc__)
+    parser.add_argument("run_dir", help="the --out dir of examples/finetune.py")
+    args = parser.parse_args(argv)
+    try:
+        paths = plot_run(args.run_dir)
+    except (ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    for p in paths:
+        print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
