@@ -54,6 +54,7 @@ from .ds_config import (
     add_argparse_args,
     config_from_args,
     load_ds_config,
+    refuse_auto,
     split_config,
     validate_for_world,
 )
@@ -214,6 +215,7 @@ def initialize(
     if config is None and args is not None:
         config = getattr(args, "deepspeed_config", None)
     sp_cfg, ds = config_from_args(args, config)
+    refuse_auto(ds)  # before any group exists: nothing to tear down
     world = _world_size_before_init()
     if world is not None:
         validate_for_world(sp_cfg, ds, world)

@@ -188,6 +188,20 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def refuse_auto(ds: Mapping[str, Any]) -> None:
+    """Batch keys given as "auto": only the HF Trainer / accelerate fill those, and under SP they
+    would count the SP ranks as data-parallel replicas. Raise naming the key."""
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu",
+                "gradient_accumulation_steps"):
+        if ds.get(key) == "auto":
+            raise ValueError(
+                f'{key}="auto" in the DeepSpeed config: "auto" is filled in by the HF Trainer / '
+                "accelerate only, and under sequence parallelism they would count the SP ranks "
+                f"as data-parallel replicas. Give {key} as a number (DeepSpeed's data-parallel "
+                f"size is world_size / {DS_SIZE_KEY})"
+            )
+
+
 def validate_for_world(cfg: SeqParConfig, ds: Mapping[str, Any], world_size: int) -> None:
     """Check the settings against the world size; raise ValueError naming the key.
 

@@ -8,24 +8,32 @@ for batch in loader:                        # this rank's shard of its DP group'
 ```
 
 `patch` registers the ``"seqpar_ring"`` attention (transformers' public AttentionInterface),
-switches the model to it (``set_attn_implementation``), installs the SP loss
-(``model.loss_function``) and adds forward hooks that check position_ids were given and that
-the model really routes its attention through the interface. Nothing private in transformers
-is patched. Gradients must be summed over the SP ranks: plain loops call `sync_sp_gradients`,
-plain DDP `register_sp_ddp_hook` (SPTrainer does it for you); DeepSpeed's mpu does it.
+switches the model to it (``set_attn_implementation``), gives the model its own settings (every
+module of it maps to one `SPState`: several models with different configs coexist), installs
+the SP loss (``model.loss_function``) and puts hooks on its decoder that agree the batch across
+the SP ranks once per forward and check that attention really routes through the interface
+(`hf_hooks`). Nothing private in transformers is patched. Gradients must be summed over the
+SP ranks: plain loops call `sync_sp_gradients`, plain DDP `register_sp_ddp_hook` (SPTrainer
+does it for you); DeepSpeed's mpu does it.
 """
 
 from __future__ import annotations
 
-import inspect
-
-import torch.distributed as dist
 from torch import nn
 
 from seqpar_ring.config import SeqParConfig
-from seqpar_ring.groups import SPGroups, get_groups, initialize
+from seqpar_ring.groups import SPGroups
 
-from .hf_attention import ATTN_NAME, DOC_IDS_KEY, doc_ids_from_positions, get_state, register
+from . import hf_hooks
+from .hf_attention import (
+    ATTN_NAME,
+    DOC_IDS_KEY,
+    SPState,
+    bind,
+    doc_ids_from_positions,
+    register,
+    resolve_groups,
+)
 from .hf_data import SPDataCollator, shard_dataloader
 from .hf_grads import sync_sp_gradients, track
 from .hf_loss import SPCausalLMLoss, register_sp_ddp_hook
@@ -43,34 +51,6 @@ __all__ = [
     "register_sp_ddp_hook",
     "sync_sp_gradients",
 ]
-
-_HOOKS_ATTR = "_seqpar_ring_hooks"
-
-
-def resolve_groups(config: SeqParConfig, groups: SPGroups | None = None) -> SPGroups | None:
-    """``groups``, else the recorded default, else new ones when torch.distributed is up.
-
-    sp_size 1 without explicit groups means no sharding: None.
-    """
-    if groups is None and config.sp_size > 1:
-        try:
-            groups = get_groups()
-        except RuntimeError:
-            if not (dist.is_available() and dist.is_initialized()):
-                raise RuntimeError(
-                    f"sp_size={config.sp_size} needs torch.distributed: call "
-                    "torch.distributed.init_process_group(...) before patch()"
-                ) from None
-            groups = initialize(config.sp_size, ulysses_size=config.ulysses_size)
-    if groups is not None and (groups.sp_size, groups.ulysses_size) != (
-            config.sp_size, config.ulysses_size):
-        raise ValueError(
-            f"config.sp_size={config.sp_size}, ulysses_size={config.ulysses_size} but the SP "
-            f"groups are {groups}: pass matching groups or build them with seqpar_ring.groups."
-            "initialize(config.sp_size, ulysses_size=config.ulysses_size)"
-        )
-    return groups
-
 
 def _hf_model(model: nn.Module) -> nn.Module:
     """The transformers PreTrainedModel inside ``model`` (PEFT wrappers are unwrapped)."""
@@ -95,41 +75,21 @@ def _check_config(model: nn.Module) -> None:
         )
 
 
-def _pre_forward(module: nn.Module, args: tuple, kwargs: dict):
-    state = get_state()
-    state.calls = 0
-    if state.sp_size > 1:
-        bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
-        if bound.get("position_ids") is None and kwargs.get(DOC_IDS_KEY) is None:
-            raise ValueError(
-                f"{type(module).__name__} was called without position_ids under sequence "
-                "parallelism: every rank would use local positions 0..n-1 (wrong RoPE and "
-                "masks). Pass the batch through SPDataCollator / shard_batch"
-            )
-    return None
-
-
-def _post_forward(module: nn.Module, args: tuple, output):
-    if get_state().calls == 0:
-        raise RuntimeError(
-            f"{type(module).__name__} ran a forward without calling the {ATTN_NAME!r} "
-            "attention: this model does not route attention through transformers' "
-            "AttentionInterface, so it cannot be made sequence-parallel by patch()"
-        )
-    return None
-
-
 def patch(model: nn.Module, config: SeqParConfig, groups: SPGroups | None = None) -> SPGroups:
     """Make ``model`` (a transformers causal LM, possibly PEFT-wrapped) sequence-parallel.
 
-    Records ``config`` and the SP ``groups`` for the attention function (default: the groups
-    of `seqpar_ring.groups.get_groups()`, or new ones from ``config.sp_size`` if
-    torch.distributed is up; sp_size 1 -> None, local). Returns the groups. Idempotent.
+    The model's attention calls use ``config`` and the SP ``groups`` (default: the groups of
+    `seqpar_ring.groups.get_groups()`, or new ones from ``config.sp_size`` if torch.distributed
+    is up; sp_size 1 -> None, local); other models keep theirs. Returns the groups. Patching
+    again replaces the model's settings.
     """
     inner = _hf_model(model)
+    if not isinstance(config, SeqParConfig):
+        raise ValueError(f"config must be a SeqParConfig, got {type(config).__name__}")
     groups = resolve_groups(config, groups)
     _check_config(inner)
-    register(config, groups)
+    register()
+    bind(model, SPState(config=config, groups=groups))
     inner.set_attn_implementation(ATTN_NAME)
     if inner.config._attn_implementation != ATTN_NAME:
         raise ValueError(
@@ -139,12 +99,8 @@ def patch(model: nn.Module, config: SeqParConfig, groups: SPGroups | None = None
         )
     inner.loss_function = SPCausalLMLoss(groups)
     track(inner, groups)  # optimizer.step() refuses gradients never summed over SP
-    for handle in getattr(inner, _HOOKS_ATTR, ()):
-        handle.remove()
-    setattr(inner, _HOOKS_ATTR, (
-        inner.register_forward_pre_hook(_pre_forward, with_kwargs=True),
-        inner.register_forward_hook(_post_forward),
-    ))
+    # On the decoder, not the LM wrapper: explicit-loss paths (hf_tiled) call it directly.
+    hf_hooks.install(inner.get_decoder() if hasattr(inner, "get_decoder") else inner)
     from .hf_reach import apply as apply_reach  # activation_offload, tiled_mlp (hf_reach.py)
     apply_reach(inner, config)
     return groups

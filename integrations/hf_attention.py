@@ -4,7 +4,12 @@ HF attention layers call ``fn(module, query, key, value, attention_mask, scaling
 **kwargs)`` with ``(batch, heads, seq_local, head_dim)`` tensors and expect
 ``(batch, seq_local, heads, head_dim), None`` back. Under SP every rank holds its shard of the
 sequence (``config.layout``), so the function hands the tensors to
-`seqpar_ring.modules.sp_attention` with the SP group recorded by `register`.
+`seqpar_ring.modules.sp_attention` with the settings of the model the layer belongs to.
+
+State lives with the model: `bind` (called by ``patch``) maps every module of a model to its
+`SPState` (config, groups), so several models in one process — a policy and a reference model,
+ring and dilated — each compute their own function. `register` keeps a process default only for
+models loaded with ``attn_implementation="seqpar_ring"`` and never patched.
 
 Masks: transformers would build a 4D mask from the LOCAL length, which means nothing across
 the ring, so a mask function registered under the same name (``AttentionMaskInterface``) passes
@@ -16,32 +21,41 @@ without it they are derived here from ``position_ids`` gathered once per forward
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
+from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from seqpar_ring.config import SeqParConfig
-from seqpar_ring.groups import SPGroups
+from seqpar_ring.groups import SPGroups, get_groups, initialize
 from seqpar_ring.layout import gather, shard
 from seqpar_ring.modules import sp_attention
 
-__all__ = ["ATTN_NAME", "DOC_IDS_KEY", "register", "get_state", "seqpar_ring_attention",
-           "doc_ids_from_positions"]
+__all__ = ["ATTN_NAME", "DOC_IDS_KEY", "LAYOUT_KEY", "SPState", "register", "bind", "state_of",
+           "resolve_groups", "seqpar_ring_attention", "doc_ids_from_positions"]
 
 ATTN_NAME = "seqpar_ring"
 DOC_IDS_KEY = "sp_doc_ids"  # model kwarg carrying (batch, seq_local) document ids
+LAYOUT_KEY = "sp_layout"    # model kwarg: (sp_size, layout, ulysses_size, sp_rank) of the batch
 
 
-@dataclass
+@dataclass(eq=False)
 class SPState:
-    """What the attention function needs: the settings and the SP group (None = local)."""
+    """What the attention calls of one model need: its settings and SP groups (None = local).
+
+    ``agreed``: the ranks agreed on the current batch (the model's pre-forward hook, once per
+    forward); its attention calls and their recomputation then skip the per-call exchange.
+    """
 
     config: SeqParConfig
     groups: SPGroups | None
     calls: int = 0  # attention calls since the model's last forward began (routing check)
-    _cache: tuple = field(default=(), repr=False)  # (position_ids, mask, doc_ids) of last derive
+    agreed: bool = False
+    _cache: tuple = field(default=(), repr=False)  # (position_ids, version, mask, doc_ids)
 
     @property
     def group(self):
@@ -56,17 +70,51 @@ class SPState:
         return 0 if self.groups is None else self.groups.sp_rank
 
 
-_STATE: SPState | None = None
+_BY_MODULE: weakref.WeakKeyDictionary[nn.Module, SPState] = weakref.WeakKeyDictionary()
+_DEFAULT: SPState | None = None  # register(): models loaded by name and never patched
 
 
-def get_state() -> SPState:
-    if _STATE is None:
+def state_of(module: nn.Module) -> SPState:
+    """The `SPState` of the model ``module`` belongs to (the process default if unbound)."""
+    state = _BY_MODULE.get(module, _DEFAULT)
+    if state is None:
         raise RuntimeError(
-            f"attn_implementation={ATTN_NAME!r} is used before its settings were recorded: call "
-            "seqpar_ring.integrations.hf.register(config, groups) before loading the model, or "
-            "seqpar_ring.integrations.hf.patch(model, config) on a loaded one"
+            f"attn_implementation={ATTN_NAME!r} is used by a model that was not patched: call "
+            "seqpar_ring.integrations.hf.patch(model, config) on every rank (or "
+            "seqpar_ring.integrations.hf.register(config) before from_pretrained)"
         )
-    return _STATE
+    return state
+
+
+def bind(model: nn.Module, state: SPState) -> None:
+    """Give every module of ``model`` (its attention layers among them) ``state``."""
+    for module in model.modules():
+        _BY_MODULE[module] = state
+
+
+def resolve_groups(config: SeqParConfig, groups: SPGroups | None = None) -> SPGroups | None:
+    """``groups``, else the recorded default, else new ones when torch.distributed is up.
+
+    sp_size 1 without explicit groups means no sharding: None.
+    """
+    if groups is None and config.sp_size > 1:
+        try:
+            groups = get_groups()
+        except RuntimeError:
+            if not (dist.is_available() and dist.is_initialized()):
+                raise RuntimeError(
+                    f"sp_size={config.sp_size} needs torch.distributed: call "
+                    "torch.distributed.init_process_group(...) before patch()"
+                ) from None
+            groups = initialize(config.sp_size, ulysses_size=config.ulysses_size)
+    if groups is not None and (groups.sp_size, groups.ulysses_size) != (
+            config.sp_size, config.ulysses_size):
+        raise ValueError(
+            f"config.sp_size={config.sp_size}, ulysses_size={config.ulysses_size} but the SP "
+            f"groups are {groups}: pass matching groups or build them with seqpar_ring.groups."
+            "initialize(config.sp_size, ulysses_size=config.ulysses_size)"
+        )
+    return groups
 
 
 def _pass_mask_through(*args, attention_mask=None, **kwargs):
@@ -74,25 +122,23 @@ def _pass_mask_through(*args, attention_mask=None, **kwargs):
     return attention_mask
 
 
-def register(config: SeqParConfig, groups: SPGroups | None = None) -> SPState:
-    """Register ``"seqpar_ring"`` (attention + mask functions) and record the SP settings.
+def register(config: SeqParConfig | None = None, groups: SPGroups | None = None
+             ) -> SPState | None:
+    """Register ``"seqpar_ring"`` (attention + mask functions) with transformers.
 
-    ``groups`` None means local attention (sp_size must then be 1). Call on every rank before
-    ``from_pretrained(..., attn_implementation="seqpar_ring")``; `patch` calls it for you.
+    With ``config``, also record the process default used by models loaded with
+    ``attn_implementation="seqpar_ring"`` that are never patched (groups as in `patch`).
+    `patch` calls this for you and binds its model to its own settings.
     """
-    global _STATE
-    if not isinstance(config, SeqParConfig):
-        raise ValueError(f"config must be a SeqParConfig, got {type(config).__name__}")
-    size = 1 if groups is None else groups.sp_size
-    if size != config.sp_size:
-        raise ValueError(
-            f"config.sp_size={config.sp_size} but the groups have sp_size={size}: build the "
-            f"groups with seqpar_ring.groups.initialize({config.sp_size}) or fix the config"
-        )
+    global _DEFAULT
     AttentionInterface.register(ATTN_NAME, seqpar_ring_attention)
     AttentionMaskInterface.register(ATTN_NAME, _pass_mask_through)
-    _STATE = SPState(config=config, groups=groups)
-    return _STATE
+    if config is None:
+        return None
+    if not isinstance(config, SeqParConfig):
+        raise ValueError(f"config must be a SeqParConfig, got {type(config).__name__}")
+    _DEFAULT = SPState(config=config, groups=resolve_groups(config, groups))
+    return _DEFAULT
 
 
 def doc_ids_from_positions(
@@ -116,8 +162,9 @@ def doc_ids_from_positions(
 def _derive_doc_ids(state: SPState, position_ids, attention_mask, batch: int):
     """doc ids of this rank's tokens from the gathered global rows (one all-gather per forward)."""
     cached = state._cache
-    if cached and cached[0] is position_ids and cached[1] is attention_mask:
-        return cached[2]  # later layers and checkpoint recomputation of the same forward
+    if cached and cached[0] is position_ids and cached[2] is attention_mask and (
+            cached[1] == getattr(position_ids, "_version", None)):
+        return cached[3]  # later layers and checkpoint recomputation of the same forward
     if position_ids is None:
         raise ValueError(
             "seqpar_ring attention needs position_ids (global positions of the rank's tokens): "
@@ -142,7 +189,7 @@ def _derive_doc_ids(state: SPState, position_ids, attention_mask, batch: int):
     doc = doc_ids_from_positions(full[..., 0], None if attention_mask is None else full[..., 1])
     if doc is not None:
         doc = shard(doc, p, state.sp_rank, layout, dim=1, ulysses_size=u) if p > 1 else doc
-    state._cache = (position_ids, attention_mask, doc)
+    state._cache = (position_ids, position_ids._version, attention_mask, doc)
     return doc
 
 
@@ -191,7 +238,7 @@ def seqpar_ring_attention(
 ) -> tuple[torch.Tensor, None]:
     """AttentionInterface entry: (batch, heads, seq_local, dim) in, (batch, seq_local, heads, dim)
     out, attention weights None. Causal unless ``module.is_causal`` is False."""
-    state = get_state()
+    state = state_of(module)
     state.calls += 1
     seq = query.shape[2] * state.sp_size
     _check_call(state, module, attention_mask, dropout, seq, kwargs)
@@ -204,5 +251,6 @@ def seqpar_ring_attention(
     out = sp_attention(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), state.config,
         state.groups, causal=getattr(module, "is_causal", True), scale=scaling, doc_ids=doc_ids,
+        agreed=state.agreed,
     )
     return out, None

@@ -17,7 +17,8 @@ from seqpar_ring.config import SeqParConfig
 from seqpar_ring.groups import SPGroups
 from seqpar_ring.layout import shard_batch
 
-from .hf_attention import DOC_IDS_KEY, doc_ids_from_positions
+from .hf_attention import DOC_IDS_KEY, LAYOUT_KEY, doc_ids_from_positions
+from .hf_hooks import layout_tag
 
 __all__ = ["SPDataCollator", "shard_dataloader"]
 
@@ -28,11 +29,13 @@ class SPDataCollator:
     Output (every tensor ``(batch, seq_local)``): ``input_ids``, ``position_ids`` (global),
     ``attention_mask`` (if given), ``shift_labels`` (shifted over the whole row before sharding),
     ``labels`` (= ``shift_labels``: HF models compute a loss only when ``labels`` is given; the
-    SP loss reads ``shift_labels``) and, for padded or packed rows, ``sp_doc_ids`` (document of
-    each token, -1 = padding). Rows are right-padded to a multiple of ``pad_to_multiple_of``
-    (default ``config.seq_len_divisor``). Under causal attention right padding costs nothing
-    extra: the ring treats it as part of the row's last document (it is in every real token's
-    future), so such rows stay on the plain fused path; dilated attention accepts only that.
+    SP loss reads ``shift_labels``), ``sp_layout`` (for which SP settings and rank the batch was
+    sharded: a model patched with other settings refuses it) and, for padded or packed rows,
+    ``sp_doc_ids`` (document of each token, -1 = padding). Rows are right-padded to a multiple
+    of ``pad_to_multiple_of`` (default ``config.seq_len_divisor``). Under causal attention
+    right padding costs nothing extra: the ring treats it as part of the row's last document
+    (it is in every real token's future), so such rows stay on the plain fused path; dilated
+    attention accepts only that.
     """
 
     def __init__(
@@ -92,8 +95,8 @@ class SPDataCollator:
                           pad_token_id=self.pad_token_id, ulysses_size=cfg.ulysses_size)
         if doc is not None:
             out[DOC_IDS_KEY] = out[DOC_IDS_KEY] - 1
-        if "shift_labels" in out:
-            out["labels"] = out["shift_labels"]
+        # for whom the batch was sharded: a model patched with other settings refuses it
+        out[LAYOUT_KEY] = layout_tag(p, cfg.layout, cfg.ulysses_size, rank)
         return out
 
 

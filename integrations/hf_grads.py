@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from seqpar_ring.comm import agree
+from seqpar_ring.agreement import agree
 from seqpar_ring.groups import SPGroups
 
 __all__ = ["sync_sp_gradients", "track", "mark_reduced_by", "grad_state", "GradState"]
@@ -195,7 +195,7 @@ def sync_sp_gradients(model: nn.Module, groups: SPGroups | None = None) -> None:
 def _all_reduce_mean_over_dp(params: list[nn.Parameter], groups: SPGroups) -> None:
     """grad <- (sum over all sp*dp ranks of grad) / dp: SP shares add up, replicas average."""
     group = groups.sp_dp_group
-    agree({"trainable_params": len(params)}, group, "sync_sp_gradients")
+    agree(group, "sync_sp_gradients", {"trainable_params": len(params)})
     if not params:
         return
     # A parameter unused on some rank (no grad there) still takes part, as zeros.

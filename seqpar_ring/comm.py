@@ -1,10 +1,11 @@
-"""Transport for the ring: neighbour exchange, K/V all-gather, and agreement on input metadata.
+"""Transport for the ring: neighbour exchange, K/V all-gather, bounded waits.
 
 Nothing here knows about attention. ``RingComm`` sends a list of tensors to the next member of
 a ring and receives same-shaped tensors from the previous one with ``batch_isend_irecv``; the
 caller posts the exchange, computes, then waits — that is the compute/communication overlap.
 Every wait has a timeout so a peer that never arrives fails the job instead of hanging it.
 
+Agreement of shapes and settings before any traffic lives in `seqpar_ring.agreement`.
 ``comm_stats`` counts the bytes this process sent through the ring (a test proves dilated mode
 sends ~1/r of dense mode's bytes with it). To trace every send/recv, set
 ``logging.getLogger("seqpar_ring.comm").setLevel(logging.DEBUG)``.
@@ -13,7 +14,6 @@ sends ~1/r of dense mode's bytes with it). To trace every send/recv, set
 from __future__ import annotations
 
 import logging
-import zlib
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Sequence
@@ -86,20 +86,40 @@ class RingComm:
         return dist.batch_isend_irecv(ops)
 
     def wait(self, works) -> None:
+        what = (f"ring exchange (send to rank {self.next}, receive from rank {self.prev}) — "
+                "a peer that stopped before this step (an error, a skipped backward) never sends")
         for w in works or ():
-            if not _wait(w, self.timeout):
-                raise RuntimeError(
-                    f"ring exchange with ranks {self.prev}/{self.next} did not complete within "
-                    f"{self.timeout.total_seconds():.0f}s: a peer is stuck or crashed; raise "
-                    "SeqParConfig.comm_timeout_s if steps are legitimately this slow"
-                )
+            wait(w, self.timeout.total_seconds(), what, self.group)
 
 
-def _wait(work, timeout: timedelta) -> bool:
+def _is_nccl(group) -> bool:
+    return "nccl" in str(dist.get_backend(group))
+
+
+def wait(work, timeout_s: float, what: str, group) -> None:
+    """Wait for ``work`` at most ``timeout_s``; a peer that never arrives raises OUR error.
+
+    On NCCL the wait is stream-ordered (the CPU goes on queueing kernels — a timed wait there
+    would block the host on every exchange) and the process group's own timeout (its watchdog)
+    ends a stuck collective. On gloo the wait itself is bounded.
+    """
+    if _is_nccl(group):
+        work.wait()
+        return
     try:
-        return work.wait(timeout=timeout) is not False
-    except TypeError:  # backends whose Work.wait takes no timeout rely on the group's timeout
-        return work.wait() is not False
+        done = work.wait(timeout=timedelta(seconds=timeout_s)) is not False
+    except RuntimeError as err:  # gloo raises on timeout and when a peer's connection drops
+        done, cause = False, err
+    else:
+        cause = None
+    if not done:
+        ranks = dist.get_process_group_ranks(group)
+        raise RuntimeError(
+            f"seqpar_ring: {what} over ranks {ranks} did not complete within {timeout_s:.0f}s "
+            f"(rank {dist.get_rank()}): a peer is stuck, crashed or running other code. Check "
+            "the other ranks' errors first; raise SeqParConfig.comm_timeout_s only if steps are "
+            "legitimately this slow" + (f" [{cause}]" if cause is not None else "")
+        ) from cause
 
 
 def exchange(group, sends, recvs, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
@@ -118,71 +138,45 @@ def exchange(group, sends, recvs, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         comm_stats.messages += 1
     if not ops:
         return
-    timeout = timedelta(seconds=timeout_s)
     for w in dist.batch_isend_irecv(ops):
-        if not _wait(w, timeout):
-            raise RuntimeError(f"point-to-point exchange did not complete within {timeout_s:.0f}s")
+        wait(w, timeout_s, "point-to-point exchange (dilated sub-ring re-deal)", group)
 
 
-def all_gather_kv(x: torch.Tensor, group) -> torch.Tensor:
+def all_gather_kv(x: torch.Tensor, group, timeout_s: float = DEFAULT_TIMEOUT_S) -> torch.Tensor:
     """All-gather a contiguous tensor over ``group``: returns (p, *x.shape) in group-rank order."""
     p = dist.get_world_size(group)
     # gloo wants a flat (p * numel) output; NCCL takes either: use the flat form for both.
     out = torch.empty(p * x.numel(), dtype=x.dtype, device=x.device)
-    _all_gather_single(out, x.contiguous().view(-1), group=group)
+    wait(_all_gather_single(out, x.contiguous().view(-1), group=group, async_op=True), timeout_s,
+         "K/V all-gather", group)
     out = out.view(p, *x.shape)
     comm_stats.bytes_sent += x.numel() * x.element_size() * (p - 1)
     comm_stats.messages += 1
     return out
 
 
-def reduce_scatter_kv(x: torch.Tensor, group) -> torch.Tensor:
+def reduce_scatter_kv(x: torch.Tensor, group, timeout_s: float = DEFAULT_TIMEOUT_S
+                      ) -> torch.Tensor:
     """Sum (p, *shape) over ``group`` and return this rank's (*shape) slice."""
     p = dist.get_world_size(group)
     out = torch.empty(x[0].numel(), dtype=x.dtype, device=x.device)
-    _reduce_scatter_single(out, x.contiguous().view(-1), group=group)
+    wait(_reduce_scatter_single(out, x.contiguous().view(-1), group=group, async_op=True),
+         timeout_s, "dK/dV reduce-scatter", group)
     out = out.view(x.shape[1:])
     comm_stats.bytes_sent += out.numel() * out.element_size() * (p - 1)
     comm_stats.messages += 1
     return out
 
 
-def agree(meta: dict[str, int], group, what: str) -> None:
-    """Check that every rank of ``group`` passes the same integer metadata; raise on all if not.
-
-    One tiny all-gather, run before any ring traffic, turns a mismatch that would deadlock or
-    silently mix shapes into an error that names the field and every rank's value.
-    """
-    if group_size(group) == 1:
-        return
-    keys = sorted(meta)
-    # The first field identifies the call itself, so ranks that reached *different* calls are
-    # told so instead of comparing unrelated fields.
-    op = zlib.crc32(("|".join([what, *keys])).encode()) & 0x7FFFFFFF
-    device = _comm_device(group)
-    local = torch.tensor([op] + [meta[k] for k in keys], dtype=torch.int64, device=device)
-    gathered = torch.empty(group_size(group) * local.numel(), dtype=torch.int64, device=device)
-    _all_gather_single(gathered, local, group=group)
-    rows = gathered.view(group_size(group), -1).cpu().tolist()
-    if len({row[0] for row in rows}) > 1:
-        mine = [r for r, row in enumerate(rows) if row[0] == op]
-        raise RuntimeError(
-            f"{what}: the ranks of the sequence-parallel group are in different operations "
-            f"(ranks {mine} are in {what}, the others elsewhere): every SP rank must run the same "
-            "model code on the same step — check rank-dependent branches (e.g. `if rank == 0`)"
-        )
-    bad = [k for i, k in enumerate(keys) if len({row[i + 1] for row in rows}) > 1]
-    if bad:
-        detail = "; ".join(f"{k}: " + ", ".join(f"rank{r}={row[keys.index(k) + 1]}"
-                                                 for r, row in enumerate(rows)) for k in bad)
-        raise ValueError(
-            f"{what}: ranks of the sequence-parallel group disagree on {detail}. Every SP rank "
-            "must pass the same batch/heads/head_dim/dtype and an equal share of the sequence "
-            "(shard with seqpar_ring.shard_batch, which pads to the layout's multiple)"
-        )
+def all_gather_small(x: torch.Tensor, group, timeout_s: float, what: str) -> torch.Tensor:
+    """All-gather a small 1-D tensor (metadata) and return it on the host: (p * numel,)."""
+    out = torch.empty(group_size(group) * x.numel(), dtype=x.dtype, device=x.device)
+    wait(_all_gather_single(out, x, group=group, async_op=True), timeout_s, what, group)
+    return out.cpu()
 
 
-def _comm_device(group) -> torch.device:
+def comm_device(group) -> torch.device:
+    """Where a collective of ``group`` takes its tensors: the current GPU for NCCL, else CPU."""
     backend = dist.get_backend(group)
     if "nccl" in str(backend) and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())

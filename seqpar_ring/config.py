@@ -53,6 +53,7 @@ class SeqParConfig:
         attention: ``"ring"`` (exact softmax attention) or ``"dilated"`` (LongNet, docs/dilated.md).
         layout: how tokens are placed on ranks: ``"contiguous"`` (rank r holds chunk r of p) or
             ``"zigzag"`` (2p chunks, rank r holds chunks r and 2p-1-r; balances causal work).
+            Default: zigzag for ring attention, contiguous for dilated (its only layout).
         comm: ``"ring"`` (K/V blocks pass around the ring) or ``"allgather"`` (K/V gathered once).
         segment_lengths, dilation_rates: dilated only (required there); w_i % r_i == 0.
         bucket_size: tile of the pure-torch kernel in tokens; None = whole block.
@@ -75,7 +76,7 @@ class SeqParConfig:
 
     sp_size: int = 1
     attention: str = "ring"
-    layout: str = "zigzag"
+    layout: str | None = None
     comm: str = "ring"
     segment_lengths: tuple[int, ...] | None = None
     dilation_rates: tuple[int, ...] | None = None
@@ -87,6 +88,9 @@ class SeqParConfig:
     tiled_mlp: bool = False
 
     def __post_init__(self) -> None:
+        if self.layout is None:  # frozen: resolve the default through object.__setattr__
+            object.__setattr__(self, "layout",
+                               "contiguous" if self.attention == "dilated" else "zigzag")
         if not _is_int(self.sp_size) or self.sp_size < 1:
             raise ValueError(
                 f"{_SECTION}.sp_size={self.sp_size!r} must be an integer >= 1 "
@@ -125,6 +129,12 @@ class SeqParConfig:
         object.__setattr__(self, "comm_timeout_s", float(t))
         if self.attention == "dilated":
             self._check_dilated(seg, dil)
+            if self.layout != "contiguous":
+                raise ValueError(
+                    f"{_SECTION}.layout={self.layout!r}: dilated attention runs on the "
+                    "contiguous layout only (its segments balance the work by construction); "
+                    "set layout='contiguous' or leave it out"
+                )
         elif seg is not None or dil is not None:
             key = "segment_lengths" if seg is not None else "dilation_rates"
             raise ValueError(

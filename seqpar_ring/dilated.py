@@ -296,6 +296,7 @@ def dilated_attention(
     kernel: str = "auto",
     doc_ids: torch.Tensor | None = None,
     timeout_s: float = C.DEFAULT_TIMEOUT_S,
+    agreed: bool = False,
 ) -> torch.Tensor:
     """LongNet dilated attention (docs/dilated.md) of the sequence sharded across ``group``.
 
@@ -307,31 +308,45 @@ def dilated_attention(
     ``doc_ids`` (batch, seq_local), as for `ring_attention`: only right-padded rows under
     ``causal`` are accepted (the padding lies in every real token's future, so the function on
     real tokens is unchanged and padding carries no loss); packed documents raise.
+    Shapes, the schedule and the settings are agreed across ``group`` first, as in
+    `ring_attention` (``agreed=True``: the caller did it for this step).
     """
-    if layout != "contiguous":
-        raise ValueError(f"dilated attention supports layout='contiguous' only (got {layout!r}): "
-                         "segments are balanced by construction, so set layout='contiguous'")
     p = C.group_size(group)
-    n = q.shape[1]
+    n = q.shape[1] if q.dim() == 4 else 0
     seq = n * p
-    ws, rs = validate_schedule(segment_lengths, dilation_rates, seq)
-    aligned = True
-    for w, r in zip(ws, rs):
-        wp = min(w, seq)
-        if n % r:
-            raise ValueError(f"seq_local {n} is not a multiple of dilation rate {r}: pad the "
-                             f"sequence to a multiple of sp_size * {r} = {p * r}")
-        aligned &= (wp <= n and n % wp == 0) or (wp > n and wp % n == 0)
-    check_inputs(q, k, v, group, what="dilated_attention",
-                 extra=dict(causal=int(causal), branches=len(ws), w0=ws[0], r0=rs[0],
-                            docs=int(doc_ids is not None)))
+    state = {}
+
+    def local():
+        if layout != "contiguous":
+            raise ValueError(f"dilated attention supports layout='contiguous' only (got "
+                             f"{layout!r}): segments are balanced by construction, so set "
+                             "layout='contiguous'")
+        ws, rs = validate_schedule(segment_lengths, dilation_rates, seq)
+        aligned = True
+        for w, r in zip(ws, rs):
+            wp = min(w, seq)
+            if n % r:
+                raise ValueError(f"seq_local {n} is not a multiple of dilation rate {r}: pad the "
+                                 f"sequence to a multiple of sp_size * {r} = {p * r}")
+            aligned &= (wp <= n and n % wp == 0) or (wp > n and wp % n == 0)
+        if doc_ids is not None and tuple(doc_ids.shape) != tuple(q.shape[:2]):
+            raise ValueError(f"doc_ids must be (batch, seq_local) = {tuple(q.shape[:2])}, "
+                             f"got {tuple(doc_ids.shape)}")
+        # Segments that straddle shards are masked per row, which only the torch kernel can do.
+        state.update(ws=ws, rs=rs, kernel=select_kernel(kernel, q, masked=not aligned))
+
+    check_inputs(q, k, v, group, what="dilated_attention", local=local, agreed=agreed,
+                 timeout_s=timeout_s, settings=dict(
+                     causal=causal, layout=layout, scale=scale, kernel=kernel,
+                     bucket_size=bucket_size, docs=doc_ids is not None,
+                     segment_lengths=tuple(segment_lengths or ()),
+                     dilation_rates=tuple(dilation_rates or ())))
+    ws, rs, kern = state["ws"], state["rs"], state["kernel"]
     if doc_ids is not None and not single_document(doc_ids, group, layout, causal):
         raise ValueError(
             "dilated attention takes right-padded rows under causal attention only; packed "
             "documents, left/middle padding or non-causal padding need attention='ring'"
         )
-    # Segments that straddle shards are masked per row, which only the torch kernel can do.
-    kern = select_kernel(kernel, q, masked=not aligned)
     branches = _branches(n, q.shape[2], k.shape[2], q.device, group, ws, rs, causal=causal,
                          kernel=kern,
                          scale=scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]),

@@ -130,7 +130,7 @@ def _entry(doc_ids: torch.Tensor, group, layout: str):
     entry = _CACHE.get(key)
     if entry is None or entry[0]() is not doc_ids or entry[1] != doc_ids._version:
         full = gather(doc_ids, group, layout, dim=1).to("cpu")
-        ref = weakref.ref(doc_ids, lambda _, key=key: _CACHE.pop(key, None))
+        ref = weakref.ref(doc_ids, lambda _, key=key, cache=_CACHE: cache.pop(key, None))
         entry = (ref, doc_ids._version, full, {})
         _CACHE[key] = entry
     return entry

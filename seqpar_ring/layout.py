@@ -189,8 +189,9 @@ def shard_batch(
     1. ``labels`` (if given) are shifted over the WHOLE row into ``shift_labels`` (position t
        holds the label of token t+1, the last is ``ignore_index``; labels of tokens with
        ``attention_mask == 0`` become ``ignore_index``). Shifting after sharding would lose the
-       first label of every shard. ``labels`` is left out of the output because HF models shift
-       ``labels`` again; they use ``shift_labels`` as given. A given ``shift_labels`` is kept.
+       first label of every shard. The output's ``labels`` is the same tensor as
+       ``shift_labels``: HF models compute a loss only when ``labels`` is given, and then use
+       ``shift_labels`` as given (no second shift). A given ``shift_labels`` is kept.
     2. ``position_ids`` are made global (``0..S-1`` per row) when absent, since RoPE and causal
        masks need each token's global position, not its position in the shard.
     3. With ``pad_to_multiple_of`` the row is padded on the right to a multiple of
@@ -251,4 +252,6 @@ def shard_batch(
 
     for k, v in seq.items():
         out[k] = shard(v, sp_size, sp_rank, layout, dim=1, ulysses_size=ulysses_size)
+    if "shift_labels" in out:
+        out["labels"] = out["shift_labels"]
     return out

@@ -23,15 +23,18 @@ def sp_attention(
     causal: bool = True,
     scale: float | None = None,
     doc_ids: torch.Tensor | None = None,
+    agreed: bool = False,
 ) -> torch.Tensor:
     """Run the attention ``config`` selects (ring or dilated) on (batch, seq_local, heads, dim).
 
     ``group``: the SP process group (None = local), or the rank's `SPGroups` — required when
     ``config.ulysses_size > 1``, which runs Ulysses x ring (`seqpar_ring.ulysses`) over its
     ``ulysses_group`` and ``ring_group``. An `SPGroups` of sp_size 1 means local attention.
+    ``agreed``: the caller agreed shapes and settings across the group for this step (see
+    `ring_attention`).
     """
     common = dict(causal=causal, layout=config.layout, scale=scale, bucket_size=config.bucket_size,
-                  kernel=config.kernel, timeout_s=config.comm_timeout_s)
+                  kernel=config.kernel, timeout_s=config.comm_timeout_s, agreed=agreed)
     dilated = config.attention == "dilated"
     u = config.ulysses_size
     if u != 1:

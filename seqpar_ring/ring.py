@@ -48,6 +48,7 @@ class RingPass:
     window: int | None = None        # dilated segment length (chunk coordinates)
     gather_group: Any = None         # set for comm="allgather"
     docs: DocPlan | None = None      # packed documents / padding of this batch
+    timeout_s: float = C.DEFAULT_TIMEOUT_S
 
     def calls(self, origin: int) -> list[BlockCall]:
         if self.docs is not None:
@@ -107,7 +108,8 @@ def _gathered(ps: RingPass, k, v):
     """All-gather mode: every origin's (k, v) at once, in (B, H, n, D) views."""
     kw, tk = _wire(k)
     vw, tv = _wire(v)
-    ks, vs = C.all_gather_kv(kw, ps.gather_group), C.all_gather_kv(vw, ps.gather_group)
+    ks = C.all_gather_kv(kw, ps.gather_group, ps.timeout_s)
+    vs = C.all_gather_kv(vw, ps.gather_group, ps.timeout_s)
     return [(ks[j].transpose(1, 2) if tk else ks[j], vs[j].transpose(1, 2) if tv else vs[j])
             for j in range(ks.shape[0])]
 
@@ -247,7 +249,7 @@ def ring_backward(ps: RingPass, dout, q, k, v, out, lse):
         if not allgather:
             kv.wait()
     if allgather:
-        dkv = C.reduce_scatter_kv(dkv_all, ps.gather_group)
+        dkv = C.reduce_scatter_kv(dkv_all, ps.gather_group, ps.timeout_s)
     else:
         if ps.ring is not None:  # the last hop brings this rank's own dK/dV home
             ps.ring.wait(works)
@@ -291,6 +293,7 @@ def ring_attention(
     kernel: str = "auto",
     doc_ids: torch.Tensor | None = None,
     timeout_s: float = C.DEFAULT_TIMEOUT_S,
+    agreed: bool = False,
 ) -> torch.Tensor:
     """Exact softmax attention over the whole sequence, sharded across ``group``.
 
@@ -307,28 +310,40 @@ def ring_attention(
     The documents are planned once per ``doc_ids`` tensor (one all-gather of the ids), so pass
     the same tensor to every layer of a forward.
 
+    Before any traffic the ranks agree on shapes, dtype and settings (one small all-gather; a
+    bad input on any rank raises `AgreementError` on every rank). ``agreed=True`` skips that
+    exchange when the caller agreed for this step already (the HF adapter does, once per model
+    forward). Every wait is bounded by ``timeout_s``.
+
     Returns (batch, seq_local, heads, head_dim) in q's dtype. ``group=None`` or a group of one
     rank computes locally with no communication.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout={layout!r} is not one of {LAYOUTS}")
-    if comm not in COMMS:
-        raise ValueError(f"comm={comm!r} is not one of {COMMS}")
     p, me = C.group_size(group), C.group_rank(group)
-    n = q.shape[1]
-    if layout == "zigzag" and n % 2:
-        raise ValueError(f"layout='zigzag' needs an even seq_local, got {n}: pad the sequence to a "
-                         f"multiple of 2 * sp_size ({2 * p})")
-    if doc_ids is not None and tuple(doc_ids.shape) != tuple(q.shape[:2]):
-        raise ValueError(f"doc_ids must be (batch, seq_local) = {tuple(q.shape[:2])}, "
-                         f"got {tuple(doc_ids.shape)}")
-    check_inputs(q, k, v, group, what="ring_attention", extra=dict(
-        causal=int(causal), layout=LAYOUTS.index(layout), comm=COMMS.index(comm),
-        docs=int(doc_ids is not None)))
+    chosen = []
+
+    def local():
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout={layout!r} is not one of {LAYOUTS}")
+        if comm not in COMMS:
+            raise ValueError(f"comm={comm!r} is not one of {COMMS}")
+        n = q.shape[1]
+        if layout == "zigzag" and n % 2:
+            raise ValueError(f"layout='zigzag' needs an even seq_local, got {n}: pad the "
+                             f"sequence to a multiple of 2 * sp_size ({2 * p})")
+        if doc_ids is not None and tuple(doc_ids.shape) != tuple(q.shape[:2]):
+            raise ValueError(f"doc_ids must be (batch, seq_local) = {tuple(q.shape[:2])}, "
+                             f"got {tuple(doc_ids.shape)}")
+        if bucket_size is not None and bucket_size < 1:
+            raise ValueError(f"bucket_size={bucket_size} must be >= 1 (or None)")
+        chosen.append(select_kernel(kernel, q))
+
+    check_inputs(q, k, v, group, what="ring_attention", local=local, agreed=agreed,
+                 timeout_s=timeout_s, settings=dict(
+                     causal=causal, layout=layout, comm=comm, scale=scale, kernel=kernel,
+                     bucket_size=bucket_size, docs=doc_ids is not None))
     if p == 1:
         layout = "contiguous"  # one rank holds the whole row in order under either layout
-    kern = select_kernel(kernel, q)
-    seq = n * p
+    seq = q.shape[1] * p
 
     def chunks_of(r: int) -> Chunks:
         return chunk_ranges(seq, p, r, layout)
@@ -339,11 +354,11 @@ def ring_attention(
         docs = documents_for(doc_ids, group, layout, causal, origins, me, chunks_of)
     ps = RingPass(
         ring=C.RingComm(group, timeout_s=timeout_s) if p > 1 and comm == "ring" else None,
-        origins=origins, chunks_of=chunks_of, me=me, causal=causal, kernel=kern,
+        origins=origins, chunks_of=chunks_of, me=me, causal=causal, kernel=chosen[0],
         scale=scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]),
         bucket_size=bucket_size,
         gather_group=group if p > 1 and comm == "allgather" else None,
-        docs=None if docs is None or docs.trivial else docs,
+        docs=None if docs is None or docs.trivial else docs, timeout_s=timeout_s,
     )
     out = RingAttentionFunction.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ps)
     return out.transpose(1, 2)

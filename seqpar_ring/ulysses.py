@@ -222,14 +222,18 @@ def _local_checks(q, k, u: int, p: int, what: str, rates) -> None:
 
 
 def _hybrid(q, k, v, groups, inner: Callable, *, doc_ids, timeout_s: float, what: str,
-            extra: dict[str, int], rates=()) -> torch.Tensor:
+            settings: dict, agreed: bool, rates=()) -> torch.Tensor:
     sp, ug, rg, u, r = _resolve(groups)
-    _local_checks(q, k, u, u * r, what, rates)
-    if doc_ids is not None and tuple(doc_ids.shape) != tuple(q.shape[:2]):
-        raise ValueError(f"{what}: doc_ids must be (batch, seq_local) = {tuple(q.shape[:2])}, "
-                         f"got {tuple(doc_ids.shape)}")
-    check_inputs(q, k, v, sp, what=what, extra=dict(
-        extra, ulysses=u, ring=r, docs=int(doc_ids is not None)))
+
+    def local():
+        _local_checks(q, k, u, u * r, what, rates)
+        if doc_ids is not None and tuple(doc_ids.shape) != tuple(q.shape[:2]):
+            raise ValueError(f"doc_ids must be (batch, seq_local) = {tuple(q.shape[:2])}, "
+                             f"got {tuple(doc_ids.shape)}")
+
+    # One agreement over all p ranks covers the inner ring too (its shapes follow from these).
+    check_inputs(q, k, v, sp, what=what, local=local, agreed=agreed, timeout_s=timeout_s,
+                 settings=dict(settings, ulysses=u, ring=r, docs=doc_ids is not None))
     if u == 1:
         return inner(q, k, v, rg, doc_ids)
     k, v = _replicate_kv(k, v, u)
@@ -255,6 +259,7 @@ def ulysses_ring_attention(
     kernel: str = "auto",
     doc_ids: torch.Tensor | None = None,
     timeout_s: float = C.DEFAULT_TIMEOUT_S,
+    agreed: bool = False,
 ) -> torch.Tensor:
     """Exact softmax attention over the SP group as Ulysses (all-to-all) x ring.
 
@@ -271,10 +276,12 @@ def ulysses_ring_attention(
         lay = layout if rg is not None else "contiguous"
         return ring_attention(qh, kh, vh, rg, causal=causal, layout=lay, comm=comm,
                               scale=scale, bucket_size=bucket_size, kernel=kernel, doc_ids=doc,
-                              timeout_s=timeout_s)
+                              timeout_s=timeout_s, agreed=True)
 
     return _hybrid(q, k, v, groups, inner, doc_ids=doc_ids, timeout_s=timeout_s,
-                   what="ulysses_ring_attention", extra=dict(causal=int(causal)))
+                   what="ulysses_ring_attention", agreed=agreed, settings=dict(
+                       causal=causal, layout=layout, comm=comm, scale=scale,
+                       bucket_size=bucket_size, kernel=kernel))
 
 
 def ulysses_dilated_attention(
@@ -291,6 +298,7 @@ def ulysses_dilated_attention(
     bucket_size: int | None = None,
     kernel: str = "auto",
     timeout_s: float = C.DEFAULT_TIMEOUT_S,
+    agreed: bool = False,
 ) -> torch.Tensor:
     """LongNet dilated attention (`dilated_attention`) as Ulysses x ring.
 
@@ -303,7 +311,10 @@ def ulysses_dilated_attention(
         return dilated_attention(qh, kh, vh, rg, segment_lengths=segment_lengths,
                                  dilation_rates=dilation_rates, causal=causal, layout=layout,
                                  scale=scale, bucket_size=bucket_size, kernel=kernel,
-                                 timeout_s=timeout_s)
+                                 timeout_s=timeout_s, agreed=True)
 
     return _hybrid(q, k, v, groups, inner, doc_ids=None, timeout_s=timeout_s,
-                   what="ulysses_dilated_attention", extra=dict(causal=int(causal)), rates=rates)
+                   what="ulysses_dilated_attention", agreed=agreed, rates=rates, settings=dict(
+                       causal=causal, layout=layout, scale=scale, bucket_size=bucket_size,
+                       kernel=kernel, segment_lengths=tuple(segment_lengths or ()),
+                       dilation_rates=rates))

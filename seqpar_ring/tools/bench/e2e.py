@@ -116,11 +116,13 @@ class SeqPar(Impl):
         from seqpar_ring.integrations.hf_tiled import use_tiled_lm_head
 
         a = self.a
-        section = {"size": self.world, "attention": a.attention, "layout": a.layout,
+        section = {"size": self.world, "attention": a.attention,
                    "kernel": a.kernel, "activation_offload": a.activation_offload != "off",
                    "tiled_mlp": a.tiled_mlp}
         if a.attention == "dilated":
             section.update(segment_lengths=a.segments, dilation_rates=a.rates)
+        if a.layout is not None:  # else the config's default for the attention
+            section["layout"] = a.layout
         cfg = SeqParConfig.from_dict({k: v for k, v in section.items() if k != "size"}
                                      | {"sp_size": self.world, "ulysses_size": a.ulysses_size})
         cfg = planner.resolve_ulysses_size(cfg, seq_len=a.seq[0] if a.seq else None,
@@ -376,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", default="ring", choices=("ring", "dilated"))
     p.add_argument("--segments", type=int, nargs="*", default=[])
     p.add_argument("--rates", type=int, nargs="*", default=[])
-    p.add_argument("--layout", default="zigzag", choices=("contiguous", "zigzag"))
+    p.add_argument("--layout", default=None, choices=("contiguous", "zigzag"),
+                   help="default: zigzag for ring attention, contiguous for dilated")
     p.add_argument("--kernel", default="auto")
     p.add_argument("--ulysses-size", type=_int_or_auto, default=1,
                    help="seqpar only: Ulysses factor u of the SP group (world = u x ring), or "
