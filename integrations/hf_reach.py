@@ -8,10 +8,11 @@ Activation offload (`seqpar_ring.offload`) wraps each decoder layer's checkpoint
 ``layer._gradient_checkpointing_func`` — what ``gradient_checkpointing_enable`` sets on every
 ``GradientCheckpointingLayer`` (transformers 5.17 checkpoints the layer's ``__call__``, 5.24
 its ``forward``; both call that attribute). The wrapping happens in a forward pre-hook of the
-model, so it also catches ``gradient_checkpointing_enable`` called after `apply` (the HF
-Trainer does so in ``train()``). A training forward with grad enabled and the option on but
-checkpointing off is an error, and so is one in which no layer input reached the hooks (e.g.
-transformers' own ``offload=True``, whose inner hooks would take precedence).
+model's decoder (``get_decoder()``: what the LM forward runs, and what the explicit tiled loss
+of `hf_tiled` calls directly), so it also catches ``gradient_checkpointing_enable`` called
+after `apply` (the HF Trainer does so in ``train()``). A training forward with grad enabled and
+the option on but checkpointing off is an error, and so is one in which no layer input reached
+the hooks (e.g. transformers' own ``offload=True``, whose inner hooks would take precedence).
 
 Tiled MLP (`seqpar_ring.tiled_mlp`) replaces the forward of each decoder layer's ``mlp``
 instance when it is a plain gated MLP (Llama, Mistral, Qwen2/3 and alike) and marks it a
@@ -61,6 +62,21 @@ def get_activation_offload(model: nn.Module) -> ActivationOffload | None:
     return state[0] if state else None
 
 
+def _hook_target(model: nn.Module, layers: list[nn.Module]) -> nn.Module:
+    """The module whose forward runs every decoder layer: the decoder when there is one.
+
+    Not the LM wrapper: `hf_tiled.tiled_causal_lm_loss` calls the decoder directly, and hooks
+    on the wrapper would never run there (the offload would silently do nothing).
+    """
+    get = getattr(model, "get_decoder", None)
+    decoder = get() if callable(get) else None
+    if isinstance(decoder, nn.Module):
+        inside = {id(m) for m in decoder.modules()}
+        if all(id(layer) in inside for layer in layers):
+            return decoder
+    return model
+
+
 def _unwrapped(fn):
     return getattr(fn, "_seqpar_inner", fn)
 
@@ -104,7 +120,9 @@ def enable_activation_offload(model: nn.Module) -> ActivationOffload:
             )
         return None
 
-    handles = (model.register_forward_pre_hook(pre_hook), model.register_forward_hook(post_hook))
+    target = _hook_target(model, layers)
+    handles = (target.register_forward_pre_hook(pre_hook),
+               target.register_forward_hook(post_hook))
     object.__setattr__(model, _OFFLOAD_ATTR, (offload, handles))
     return offload
 

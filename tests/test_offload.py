@@ -140,6 +140,20 @@ def test_hf_model_bit_identical_and_errors():
         assert off.stats.host_peak_bytes == 3 * 2 * SEQ * 32 * 4  # 3 inputs of (2, 16, 32) fp32
         assert all(off.owns(layer._gradient_checkpointing_func)
                    for layer in decoder_layers(model))
+    # the explicit tiled loss (hf_tiled) runs the decoder, not the LM wrapper: offloaded too
+    from seqpar_ring.integrations.hf_tiled import tiled_causal_lm_loss, use_tiled_lm_head
+
+    tiled = []
+    for on in (False, True):
+        tm = copy.deepcopy(base)
+        use_tiled_lm_head(tm)
+        patch(tm, SeqParConfig(sp_size=1, kernel="torch", activation_offload=on))
+        tm.gradient_checkpointing_enable()
+        loss = tiled_causal_lm_loss(tm, _batch(cfg), None)
+        loss.backward()
+        tiled.append((loss.detach(), [p.grad for p in tm.parameters()]))
+    assert _same(tiled[0], tiled[1])
+    assert get_activation_offload(tm).stats.packed == 3
     # switched off for an A/B run: a plain checkpoint, nothing moves
     off.enabled = False
     before = off.stats.packed
