@@ -112,6 +112,10 @@ def setup_sequence_parallel(
         from .hf import patch
 
         patch(model, cfg, groups)
+    elif cfg.activation_offload or cfg.tiled_mlp:  # not silently ignored without patch()
+        from .hf_reach import apply as apply_reach
+
+        apply_reach(model, cfg)
     mark_reduced_by(model, "deepspeed", groups)  # its mpu sums over SP: no second sum, no check
     if int((ds.get("zero_optimization") or {}).get("stage", 0)) == 3:
         prepare_model_for_zero3(model, ds, groups)

@@ -232,6 +232,10 @@ def initialize(
         from .hf import patch
 
         patch(model, sp_cfg, groups)
+    elif sp_cfg.activation_offload or sp_cfg.tiled_mlp:  # not silently ignored without patch()
+        from .hf_reach import apply as apply_reach
+
+        apply_reach(model, sp_cfg)
     mark_reduced_by(model, "deepspeed", groups)  # its mpu sums over SP: no second sum, no check
     if _zero_stage(ds) == 3:
         prepare_model_for_zero3(model, ds, groups)

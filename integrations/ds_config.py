@@ -65,9 +65,19 @@ _FLAGS: dict[str, tuple[str, Any, str]] = {
     "--sequence-parallel-kernel": ("kernel", str, "auto | torch | cudnn | flash"),
     "--ulysses-size": ("ulysses_size", _int_or_auto,
                        "Ulysses x ring: all-to-all factor u of the SP size (p = u x r), or auto"),
+    # booleans: --X / --no-X. Named with the common prefix, so a short form such as
+    # "--offload" or "--tiled" is never taken by argparse's prefix matching for these flags
+    "--sequence-parallel-activation-offload": (
+        "activation_offload", bool, "checkpointed layer inputs in pinned host memory"),
+    "--sequence-parallel-tiled-mlp": ("tiled_mlp", bool, "decoder MLPs over sequence tiles"),
 }
 _LIST_FIELDS = ("segment_lengths", "dilation_rates")
 _LAUNCHER_FLAGS = ("--local_rank", "--local-rank")  # deepspeed / torch.distributed.launch
+
+
+def _dest(field: str) -> str:
+    """argparse dest of a field's flag: ``sp_<field>``, ``sp_size`` as is."""
+    return field if field == "sp_size" else f"sp_{field}"
 
 
 def load_ds_config(config: str | os.PathLike | Mapping[str, Any] | None) -> dict[str, Any]:
@@ -137,9 +147,14 @@ def add_argparse_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     """
     group = parser.add_argument_group("sequence parallel (seqpar_ring)")
     for flag, (dest, typ, text) in _FLAGS.items():
+        name = _dest(dest)
+        if typ is bool:
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                               default=None, help=f"{text} (overrides {SECTION}.*)")
+            continue
         nargs = "+" if dest in _LIST_FIELDS else None
-        group.add_argument(flag, dest=f"sp_{dest}" if dest != "sp_size" else dest, type=typ,
-                           nargs=nargs, default=None, help=f"{text} (overrides {SECTION}.*)")
+        group.add_argument(flag, dest=name, type=typ, nargs=nargs, default=None,
+                           help=f"{text} (overrides {SECTION}.*)")
     taken = set(parser._option_string_actions)  # argparse has no public lookup of options
     missing = [flag for flag in _LAUNCHER_FLAGS if flag not in taken]
     if missing:
@@ -154,7 +169,7 @@ def overrides_from_args(args: argparse.Namespace | None) -> dict[str, Any]:
         return {}
     out = {}
     for dest, _, _ in _FLAGS.values():
-        value = getattr(args, f"sp_{dest}" if dest != "sp_size" else dest, None)
+        value = getattr(args, _dest(dest), None)
         if value is not None:
             out[dest] = value
     return out

@@ -101,4 +101,6 @@ def patch(model: nn.Module, config: SeqParConfig, groups: SPGroups | None = None
     track(inner, groups)  # optimizer.step() refuses gradients never summed over SP
     # On the decoder, not the LM wrapper: explicit-loss paths (hf_tiled) call it directly.
     hf_hooks.install(inner.get_decoder() if hasattr(inner, "get_decoder") else inner)
+    from .hf_reach import apply as apply_reach  # activation_offload, tiled_mlp (hf_reach.py)
+    apply_reach(inner, config)
     return groups

@@ -66,6 +66,12 @@ class SeqParConfig:
             ``sp_size`` pure Ulysses. ``"auto"``: chosen from the model's head counts and the
             sequence length by `seqpar_ring.tools.plan.resolve_ulysses_size` (must be resolved
             before the groups are built).
+        activation_offload: keep each checkpointed decoder layer's input in pinned host memory
+            between its forward and its recompute (`seqpar_ring.offload`; needs gradient
+            checkpointing). Frees layers x tokens x hidden of GPU memory for host memory and
+            PCIe copies that overlap compute.
+        tiled_mlp: compute each decoder MLP over tiles of tokens with recompute in backward
+            (`seqpar_ring.tiled_mlp`): one tile's intermediate activations at a time.
     """
 
     sp_size: int = 1
@@ -78,6 +84,8 @@ class SeqParConfig:
     kernel: str = "auto"
     comm_timeout_s: float = 600.0
     ulysses_size: int | str = 1
+    activation_offload: bool = False
+    tiled_mlp: bool = False
 
     def __post_init__(self) -> None:
         if self.layout is None:  # frozen: resolve the default through object.__setattr__
@@ -108,6 +116,11 @@ class SeqParConfig:
                 f"{_SECTION}.comm_timeout_s={t!r} must be a finite number of seconds > 0"
             )
         self._check_ulysses()
+        for key in ("activation_offload", "tiled_mlp"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(
+                    f"{_SECTION}.{key}={getattr(self, key)!r} must be true or false"
+                )
         # frozen dataclass: normalise lists (from JSON) to tuples through object.__setattr__
         seg = _as_int_tuple("segment_lengths", self.segment_lengths)
         dil = _as_int_tuple("dilation_rates", self.dilation_rates)

@@ -75,6 +75,8 @@ def test_seq_len_divisor():
     assert SeqParConfig(sp_size=1).seq_len_divisor == 2
     assert SeqParConfig(sp_size=4, layout="contiguous").seq_len_divisor == 4
     assert SeqParConfig(sp_size=4, layout="zigzag").seq_len_divisor == 8
-    cfg = SeqParConfig(sp_size=2, attention="dilated",  # contiguous: the dilated default
-                       segment_lengths=[8, 12, 16], dilation_rates=[1, 3, 4])
+    dilated = dict(attention="dilated", segment_lengths=[8, 12, 16], dilation_rates=[1, 3, 4])
+    cfg = SeqParConfig(sp_size=2, **dilated)  # dilated: contiguous by default, its only layout
     assert cfg.layout == "contiguous" and cfg.seq_len_divisor == 2 * 12
+    with pytest.raises(ValueError, match="contiguous layout only"):
+        SeqParConfig(sp_size=2, layout="zigzag", **dilated)

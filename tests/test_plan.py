@@ -137,6 +137,87 @@ def test_dilated_attention_term_tiny_by_hand():
         rows + grads + kernel) / 4
 
 
+# --- reach: activation offload, tiled MLP, host memory -------------------------------------
+def test_offload_and_tiled_mlp_terms_tiny_by_hand():
+    m = P.PRESETS["tiny"]  # h 64, 2 layers, 4 heads, 2 kv, d 16, I 128, V 256
+    t = 1024
+    o = P.PlanOptions(gpus=2, loss_tile=64, activation_offload=True, host_reserve_gib=2.0)
+    pl = P.estimate(m, 2 * t, o)
+    assert pl.gib("checkpoints") * GIB == t * 64 * 2        # one layer input (prefetched)
+    assert pl.gib("rope") * GIB == t * 2 * 16 * 2
+    assert pl.gib("final norm") == 0 and pl.phase == "MLP backward"  # freed before the layers
+    assert pl.host_gib_of("checkpoints") * GIB == 2 * t * 64 * 2  # every layer's input
+    assert pl.host_gib == pytest.approx(2.0 + 2 * t * 64 * 2 / GIB)
+    plain = P.estimate(m, 2 * t, P.PlanOptions(gpus=2, loss_tile=64))
+    # the same layer phase; GPU saves 1 of 2 checkpoints and the final norm (64*8 B/token)
+    assert plain.peak_bytes - pl.peak_bytes == t * 64 * 2 + t * 64 * 8
+    assert plain.host_components == [("process", 8.0 * GIB, plain.host_components[0][2])]
+    # tiled MLP: the MLP half saves its norm and its input; grads lose 2*I*b per token and
+    # gain one tile's intermediates + weight-gradient sums (tile = all 1024 tokens here)
+    assert P._mlp_saved(m, 2, tiled=True) == 388 + 128
+    work = 1024 * (6 * 128 * 2 + 2 * 64 * 2) + 3 * 64 * 128 * 6
+    assert P._tiled_mlp_work(m, 2, 1024) == work
+    tiled = P.estimate(m, 2 * t, P.PlanOptions(gpus=2, loss_tile=64, tiled_mlp=True))
+    layer, grads = t * (916 + 516), t * 3 * 64 * 2 + work
+    attn = t * (916 + 3 * 64 * 2) + t * P._attention_backward(m, 2, P.PlanOptions(gpus=2))
+    assert tiled.phase == ("MLP backward" if layer + grads >= attn else "attention backward")
+    assert tiled.peak_bytes == pytest.approx(
+        plain.peak_bytes - plain.gib("layer recompute") * GIB - plain.gib("backward grads") * GIB
+        + max(layer + grads, attn))
+    with pytest.raises(ValueError, match="needs checkpointing"):
+        P.estimate(m, 2 * t, P.PlanOptions(gpus=2, activation_offload=True, checkpointing=False))
+
+
+def test_offload_loss_phase_counts_the_final_norm():
+    m = P.PRESETS["tiny"]
+    t = 1024
+    o = P.PlanOptions(gpus=2, loss_tile=10**9, activation_offload=True)  # logits of all tokens
+    pl = P.estimate(m, 2 * t, o)
+    assert pl.phase == "loss"
+    assert pl.gib("final norm") * GIB == t * 64 * 8
+
+
+def test_llama_1b_offload_figures():
+    m, s = P.PRESETS["llama-1.1b"], 2**20
+    o = P.PlanOptions(gpus=1, activation_offload=True, tiled_mlp=True)
+    pl = P.estimate(m, s, o)
+    assert pl.gib("checkpoints") == 4.0                      # 1M x 2048 x 2 B
+    assert pl.host_gib_of("checkpoints") == 88.0             # 22 layers of it
+    assert pl.phase == "attention backward"                  # the tiled MLP is no longer the peak
+    assert P.estimate(m, s, P.PlanOptions(gpus=1)).peak_gib - pl.peak_gib > 100
+
+
+def test_reach_says_which_memory_limits():
+    m = P.PRESETS["llama-1.1b"]
+    o = P.PlanOptions(gpus=2, activation_offload=True, tiled_mlp=True)
+    gpu_only = P.max_seq_len(m, o, 141)
+    seq, limit = P.reach(m, o, 141, 64.0)
+    assert limit == "host memory" and 0 < seq < gpu_only
+    host = P.estimate(m, seq, o).host_bytes
+    assert host <= 64 * GIB < P.estimate(m, seq + P.seq_divisor(o), o).host_bytes
+    assert P.reach(m, o, 141, 10_000.0) == (gpu_only, "GPU memory")
+    assert P.reach(m, P.PlanOptions(gpus=2), 141, 128.0)[1] == "GPU memory"
+    dil = P.PlanOptions(gpus=2, attention="dilated", dilation_rates=(1, 2, 4, 8),
+                        layout="contiguous")
+    assert P.seq_divisor(dil) == 16 and P.max_seq_len(m, dil, 141) % 16 == 0
+
+
+def test_attention_check_bytes_tiny_by_hand():
+    m = P.PRESETS["tiny"]
+    o = P.PlanOptions(gpus=2, attention="dilated", dilation_rates=(1, 2))  # dense is modelled
+    per_token = 4 * 16 * 2 + 4 * 4 + (272 + 512 + 256 + 320) + (4 + 2 * 2) * 16 * 2
+    assert P.attention_check_bytes(m, 2048, o) == 1024 * per_token
+
+
+def test_cli_reach_table(capsys):
+    P.main(["--model", "llama-1.1b", "--gpus", "2", "--gpu-mem-gib", "141", "--offload",
+            "--tiled-mlp", "--host-mem-gib", "64", "--seq-len", "1048576"])
+    out = capsys.readouterr().out
+    assert "host: checkpoints" in out and "limited by host memory" in out
+    assert "+ offload + tiled MLP" in out and "dilated (r = 1,2,4,8,16)" in out
+    assert "1,048,576 tokens: GPU fits, host fits" in out
+
+
 def _longest(out: str) -> int:
     line = next(x for x in out.splitlines() if x.startswith("longest sequence"))
     return int(line.rsplit(":", 1)[1].split()[0].replace(",", ""))

@@ -117,7 +117,7 @@ def test_flags_and_json_section():
 
 def test_bench_and_plan_arguments():
     from seqpar_ring.tools import plan
-    from seqpar_ring.bench import e2e, ring
+    from seqpar_ring.tools.bench import e2e, ring
 
     a = e2e.build_parser().parse_args(["--model", "tiny", "--seq", "256", "--ulysses-size", "2"])
     assert a.ulysses_size == 2

@@ -13,10 +13,24 @@ import torch
 import torch.distributed as dist
 
 
-def init_from_env() -> tuple[int, int, torch.device]:
-    """Join the process group torchrun/deepspeed set up in the environment (or run alone)."""
+def init_from_env(*, single_process_group: bool = False) -> tuple[int, int, torch.device]:
+    """Join the process group torchrun/deepspeed set up in the environment (or run alone).
+
+    ``single_process_group``: alone, still start a process group of one rank (DeepSpeed and
+    the SP groups need one), on a free local port unless the launcher's variables are set.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
+    if world == 1 and single_process_group and not dist.is_initialized():
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)),
+                           ("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                           ("LOCAL_WORLD_SIZE", "1")):
+            os.environ.setdefault(key, value)
+    if (world > 1 or single_process_group) and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -14,9 +14,16 @@ default llama-1.1b), bf16, DeepSpeed ZeRO-3, gradient checkpointing, one sample 
 * ``alst``: DeepSpeed's Ulysses (``UlyssesSPAttentionHF.register_with_transformers`` over
   SDPA) + its ``TiledFusedLogitsLoss``, the same model, config and machine.
 
-Each point reports tokens/s, peak allocated GiB and the planner's estimate; a failure (OOM or
-anything else) is caught, reported in the table and the engine rebuilt. ``--find-max`` doubles
-the length until a step fails or exceeds ``--budget-s``, then bisects. CPU smoke test:
+Each point reports tokens/s, peak allocated GiB (max over ranks), peak host GiB per rank and
+the planner's estimates; a failure (OOM or anything else) is caught, reported in the table and
+the engine rebuilt. ``--find-max`` with ring attention doubles the length until a step fails or
+exceeds ``--budget-s``, then bisects; with ``--attention dilated`` it runs the reach
+demonstration of ``bench/reach.py`` (a dilated step at the planner's longest dense length, a
+dense attention layer at that length, the planner's dense figure).
+
+Reach options (ours only): ``--activation-offload on`` (checkpointed layer inputs in pinned
+host memory), ``both`` (each point without, then with, on the same engine: the offload's
+throughput cost), ``--tiled-mlp``. CPU smoke test:
 ``torchrun --nproc_per_node 2 -m seqpar_ring.bench e2e --model tiny --seq 256 512``.
 """
 
@@ -29,14 +36,18 @@ import math
 import statistics
 import time
 import traceback
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 
 from seqpar_ring.tools import plan as planner
+
+from . import reach
 from .common import init_from_env, peak_gib, print_table, reset_peak, sync, write_json
 
-COLUMNS = ["impl", "seq_len", "tokens_per_s", "step_s", "peak_gib", "plan_gib", "loss", "status"]
+COLUMNS = ["impl", "offload", "seq_len", "tokens_per_s", "step_s", "peak_gib", "plan_gib",
+           "host_gib", "plan_host_gib", "loss", "status"]
 
 
 def ds_config(a, world: int, cuda: bool) -> dict:
@@ -74,6 +85,11 @@ class Impl:
     def __init__(self, a, spec, world, rank, dev):
         self.a, self.spec, self.world, self.rank, self.dev = a, spec, world, rank, dev
         self.engine = None
+        self.host = reach.HostPeak(dev)
+
+    def offload(self):
+        """Our ActivationOffload on the engine's model (None: not installed)."""
+        return None
 
     def teardown(self) -> None:
         if self.engine is not None and hasattr(self.engine, "destroy"):
@@ -100,10 +116,13 @@ class SeqPar(Impl):
         from seqpar_ring.integrations.hf_tiled import use_tiled_lm_head
 
         a = self.a
-        section = {"size": self.world, "attention": a.attention, "layout": a.layout,
-                   "kernel": a.kernel}
+        section = {"size": self.world, "attention": a.attention,
+                   "kernel": a.kernel, "activation_offload": a.activation_offload != "off",
+                   "tiled_mlp": a.tiled_mlp}
         if a.attention == "dilated":
             section.update(segment_lengths=a.segments, dilation_rates=a.rates)
+        if a.layout is not None:  # else the config's default for the attention
+            section["layout"] = a.layout
         cfg = SeqParConfig.from_dict({k: v for k, v in section.items() if k != "size"}
                                      | {"sp_size": self.world, "ulysses_size": a.ulysses_size})
         cfg = planner.resolve_ulysses_size(cfg, seq_len=a.seq[0] if a.seq else None,
@@ -119,6 +138,11 @@ class SeqPar(Impl):
                   "sequence_parallel": section}
         self.engine = ds_initialize(model=model, config=config,
                                     model_parameters=model.parameters())[0]
+
+    def offload(self):
+        from seqpar_ring.integrations.hf_reach import get_activation_offload
+
+        return None if self.engine is None else get_activation_offload(self.engine.module)
 
     def step(self, b: dict) -> float:
         from seqpar_ring.integrations.hf_tiled import tiled_causal_lm_loss
@@ -198,24 +222,30 @@ def _agree_failed(failed: bool, dev) -> bool:
     return bool(flag.item())
 
 
-def run_point(impl: Impl, seq: int, a, *, steps: int) -> dict:
-    """Warm-up step + up to ``steps`` timed steps within ``a.budget_s``; errors become rows."""
-    row = {"impl": a.impl_name, "seq_len": seq, "status": "ok"}
-    dilated = a.impl_name == "seqpar" and a.attention == "dilated"
-    o = planner.PlanOptions(gpus=impl.world, zero=a.zero, dtype=a.dtype, loss_tile=a.loss_tile,
-                            layout=getattr(impl, "layout", "zigzag"), reserve_gib=0.0,
-                            attention="dilated" if dilated else "ring",
-                            dilation_rates=tuple(a.rates) if dilated else (),
-                            reduce_bucket=a.bucket, prefetch_bucket=a.bucket,
-                            ulysses_size=getattr(impl, "ulysses", 1))
-    row["plan_gib"] = planner.estimate(impl.spec, seq, o).peak_gib if seq % impl.world == 0 \
-        else None
-    err = None
+def run_point(impl: Impl, seq: int, a, *, steps: int, offload: bool | None = None) -> dict:
+    """Warm-up step + up to ``steps`` timed steps within ``a.budget_s``; errors become rows.
+
+    ``offload``: switch our activation offload on/off for this point (None: as configured).
+    """
+    off = impl.offload()
+    if off is not None and offload is not None:
+        off.enabled = offload
+    on = off is not None and off.enabled
+    row = {"impl": a.impl_name, "seq_len": seq, "status": "ok", "world": impl.world,
+           "offload": ("on" if on else "off") if a.impl_name == "seqpar" else None}
+    o = reach.plan_options(impl, a, offload=on)
+    if seq % planner.seq_divisor(o) == 0:
+        pl = planner.estimate(impl.spec, seq, o)
+        row.update(plan_gib=pl.peak_gib, plan_host_gib=pl.host_gib)
+    err, peaks = None, None
     try:
         if seq % impl.divisor:
             raise ValueError(f"seq_len must be a multiple of {impl.divisor}")
         b = impl.batch(seq)
         reset_peak(impl.dev)
+        impl.host.reset()
+        if off is not None:
+            off.stats.reset_peak()
         t0 = time.perf_counter()
         # the same batch every step: the losses must fall (a training sanity check on GPU)
         losses = [impl.step(b)]  # warm-up (the only step when it alone exhausts the budget)
@@ -229,8 +259,11 @@ def run_point(impl: Impl, seq: int, a, *, steps: int) -> dict:
             sync(impl.dev)
             times.append(time.perf_counter() - t0)
         step_s = statistics.median(times) if times else first
-        row.update(step_s=step_s, tokens_per_s=seq / step_s, peak_gib=peak_gib(impl.dev),
-                   loss=losses[-1], losses=losses, timed_steps=len(times) or 1)
+        host = impl.host.read()
+        peaks = [peak_gib(impl.dev), host.pop("host_gib"),
+                 off.stats.host_peak_bytes / 2**30 if on else 0.0]
+        row.update(step_s=step_s, tokens_per_s=seq / step_s, loss=losses[-1], losses=losses,
+                   timed_steps=len(times) or 1, **host)
         if not times and steps > 0:
             row["status"] = "warm-up only (budget)"
     except Exception as e:  # noqa: BLE001 - any failure is a table row, not a crashed run
@@ -239,11 +272,21 @@ def run_point(impl: Impl, seq: int, a, *, steps: int) -> dict:
         row["status"] = err or "failed on another rank"
         impl.teardown()
         impl.setup()
+    else:  # every rank has its peaks: the per-GPU / per-rank figure is the largest
+        keys = ("peak_gib", "host_gib", "offload_host_gib")
+        row.update(zip(keys, reach.all_ranks_max(peaks, impl.dev)))
     return row
 
 
 def find_max(impl: Impl, a) -> tuple[int, list[dict]]:
-    """Doubling then bisection over multiples of the divisor; returns (longest ok, rows)."""
+    """Doubling then bisection over multiples of the divisor; returns (longest ok, rows).
+
+    Dilated attention (ours): the reach demonstration of ``bench/reach.py`` instead.
+    """
+    if a.impl_name == "seqpar" and a.attention == "dilated":
+        best, rows, summary = reach.find_max(impl, a, run_point)
+        a.reach_summary = summary
+        return best, rows
     rows, good, bad = [], 0, None
     seq = a.find_start
     while seq <= a.find_limit:
@@ -335,24 +378,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", default="ring", choices=("ring", "dilated"))
     p.add_argument("--segments", type=int, nargs="*", default=[])
     p.add_argument("--rates", type=int, nargs="*", default=[])
-    p.add_argument("--layout", default="zigzag", choices=("contiguous", "zigzag"))
+    p.add_argument("--layout", default=None, choices=("contiguous", "zigzag"),
+                   help="default: zigzag for ring attention, contiguous for dilated")
     p.add_argument("--kernel", default="auto")
     p.add_argument("--ulysses-size", type=_int_or_auto, default=1,
                    help="seqpar only: Ulysses factor u of the SP group (world = u x ring), or "
                    "'auto' (planner, for the first --seq)")
     p.add_argument("--loss-tile", type=int, default=None)
+    p.add_argument("--activation-offload", default="off", choices=("off", "on", "both"),
+                   help="ours: checkpointed layer inputs in pinned host memory; both: every "
+                   "point without, then with, on the same engine")
+    p.add_argument("--tiled-mlp", action=argparse.BooleanOptionalAction, default=False,
+                   help="ours: decoder MLPs over sequence tiles")
+    p.add_argument("--gpu-mem-gib", type=float, default=None,
+                   help="GPU memory the planner plans for (default: the device's)")
+    p.add_argument("--host-mem-gib", type=float, default=None,
+                   help="host memory per rank the planner plans for (default: this machine's "
+                   "memory or cgroup limit / local ranks)")
+    p.add_argument("--host-reserve-gib", type=float, default=planner.PlanOptions.host_reserve_gib,
+                   help="planner: host memory of the process besides offloaded tensors")
     p.add_argument("--out", default="e2e.json")
     p.add_argument("--plot", action="store_true", help="also write PNGs (rank 0)")
     return p
 
 
+def offload_costs(rows: list[dict]) -> list[str]:
+    """'tokens/s without -> with offload' for every length measured both ways."""
+    lines = []
+    for r in rows:
+        if r.get("offload") != "off" or r.get("status") != "ok":
+            continue
+        for w in rows:
+            if (w.get("offload"), w.get("seq_len"), w.get("impl"), w.get("status")) == (
+                    "on", r["seq_len"], r["impl"], "ok"):
+                cost = 1 - w["tokens_per_s"] / r["tokens_per_s"]
+                lines.append(f"activation offload at {r['seq_len']:,} tokens: "
+                             f"{r['tokens_per_s']:,.0f} -> {w['tokens_per_s']:,.0f} tokens/s "
+                             f"({100 * cost:+.1f}% cost), peak GPU {r['peak_gib']:.1f} -> "
+                             f"{w['peak_gib']:.1f} GiB")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
-    rank, world, dev = init_from_env()
+    rank, world, dev = init_from_env(single_process_group=True)  # DeepSpeed needs a group
     a.dtype = a.dtype or ("bf16" if dev.type == "cuda" else "fp32")
     a.torch_dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     spec = planner.load_spec(a.model)
-    rows, maxima = [], {}
+    rows, maxima, last = [], {}, None
     for name in a.impl:
         a.impl_name = name
         impl = IMPLS[name](a, spec, world, rank, dev)
@@ -367,27 +440,39 @@ def main(argv: list[str] | None = None) -> None:
             warm = run_point(impl, a.warmup_seq, a, steps=0)
             if warm["status"] != "ok":
                 rows.append(dict(warm, status=f"warm-up: {warm['status']}"))
+        modes = [False, True] if name == "seqpar" and a.activation_offload == "both" else [None]
         for seq in a.seq:
-            rows.append(run_point(impl, seq, a, steps=a.steps))
-            if rank == 0:
-                print_table(rows[-1:], COLUMNS)
+            for mode in modes:  # same engine, offload switched: the A/B of its cost
+                rows.append(run_point(impl, seq, a, steps=a.steps, offload=mode))
+                if rank == 0:
+                    print_table(rows[-1:], COLUMNS)
         if a.find_max:
+            if modes != [None]:
+                impl.offload().enabled = True
             maxima[name], probes = find_max(impl, a)
             rows += [dict(r, status=f"probe: {r['status']}") for r in probes]
+        last = impl
         impl.teardown()
     if rank == 0:
         title = f"e2e: {a.model} {a.dtype} ZeRO-{a.zero} SP={world} on {dev.type}"
         print_table(rows, COLUMNS, title)
+        for line in offload_costs(rows):
+            print(line)
         for name, best in maxima.items():
             note = " (--find-limit reached)" if best * 2 > a.find_limit else ""
             print(f"longest trainable sequence ({name}): {best:,} tokens{note}")
-        o = planner.PlanOptions(gpus=world, zero=a.zero, dtype=a.dtype, layout=a.layout)
-        if dev.type == "cuda":
-            mem = torch.cuda.get_device_properties(dev).total_memory / 2**30
-            print(f"planner: longest that fits {mem:.0f} GiB: "
-                  f"{planner.max_seq_len(spec, o, mem):,} tokens")
-        write_json(a.out, {"args": {k: v for k, v in vars(a).items() if k != "torch_dtype"},
-                           "rows": rows, "max_seq_len": maxima})
+        summary = getattr(a, "reach_summary", None)
+        if summary is not None:
+            print(reach.format_summary(summary, a))
+        elif last is not None and reach.budgets(last, a)[0]:  # a GPU (or --gpu-mem-gib)
+            gpu, host = reach.budgets(last, a)
+            o = replace(reach.plan_options(last, a), reserve_gib=planner.PlanOptions.reserve_gib)
+            best, limit = planner.reach(spec, o, gpu, host)
+            print(f"planner ({a.impl_name}, {o.attention}): longest that fits {gpu:.0f} GiB GPU "
+                  f"and {host:.0f} GiB host per rank: {best:,} tokens ({limit})")
+        skip = ("torch_dtype", "reach_summary")
+        write_json(a.out, {"args": {k: v for k, v in vars(a).items() if k not in skip},
+                           "rows": rows, "max_seq_len": maxima, "reach": summary})
         if a.plot:
             plot(a.out)
     if dist.is_initialized():
