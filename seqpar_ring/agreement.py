@@ -3,10 +3,10 @@
 Every collective of the ring needs the same shapes and settings on every rank; a rank whose
 input differs would deadlock its peers (or corrupt data silently), and a check that fails on
 one rank only would leave the others waiting in their next collective. So each entry point
-folds its local checks into one exchange of fixed size: the operation's name, an error flag and
-the fields that must match (shapes, dtype, settings that change the function). Then either all
-ranks go on, or all raise the same `AgreementError` naming the rank and the field — and the
-group stays usable, since every rank took part in the same collective.
+folds its local checks into one exchange of fixed size: the operation's name, an error flag
+and a digest of the fields that must match (shapes, dtype, settings that change the function).
+Then either all ranks go on, or all raise the same `AgreementError` naming the rank and the
+field — and the group stays usable, since every rank took part in the same collective.
 
 Cost: one all-gather of ~100 bytes and one read on the host. The HF adapter pays it once per
 model forward (the batch's signature); per-layer attention calls then pass ``agreed=True``
@@ -63,10 +63,10 @@ def agree(group, what: str, fields: Mapping[str, Any], *, error: str | None = No
           timeout_s: float = C.DEFAULT_TIMEOUT_S) -> None:
     """All ranks of ``group`` confirm they run ``what`` with equal ``fields`` and no ``error``.
 
-    ``fields``: name -> value that must be equal on every rank (ints compared directly, other
-    values by `fingerprint` and shown by repr). ``error``: this rank's failed local check, if
-    any. Raises `AgreementError` on every rank, or nothing on any. A group of one rank (or
-    None) raises ``error`` locally. Waits at most ``timeout_s``.
+    ``fields``: name -> value that must be equal on every rank (compared by `fingerprint`,
+    shown by repr in the error). ``error``: this rank's failed local check, if any. Raises
+    `AgreementError` on every rank, or nothing on any. A group of one rank (or None) raises
+    ``error`` locally. Waits at most ``timeout_s``.
     """
     if C.group_size(group) == 1:
         if error is not None:
@@ -75,10 +75,13 @@ def agree(group, what: str, fields: Mapping[str, Any], *, error: str | None = No
     keys = sorted(fields)
     op = fingerprint((what, *keys))
     stats.exchanges += 1
-    device = C.comm_device(group)
-    local = torch.tensor([op, int(error is not None)] + [fingerprint(fields[k]) for k in keys],
-                         dtype=torch.int64)
-    rows = C.all_gather_small(local.to(device), group, timeout_s, f"{what} (agreement)")
+    # Fixed size on every rank, whatever the fields: a collective whose sizes differ across
+    # ranks kills gloo processes and is undefined on NCCL. The fields travel as one digest;
+    # only the failure path exchanges them in full.
+    digest = fingerprint(tuple((k, fingerprint(fields[k])) for k in keys))
+    local = torch.tensor([op, int(error is not None), digest], dtype=torch.int64)
+    rows = C.all_gather_small(local.to(C.comm_device(group)), group, timeout_s,
+                              f"{what} (agreement)")
     rows = rows.view(C.group_size(group), -1).tolist()
     if len({row[0] for row in rows}) > 1:
         mine = [r for r, row in enumerate(rows) if row[0] == op]
@@ -88,13 +91,13 @@ def agree(group, what: str, fields: Mapping[str, Any], *, error: str | None = No
             "model code on the same step — check rank-dependent branches (e.g. `if rank == 0`)"
         )
     errors = [r for r, row in enumerate(rows) if row[1]]
-    differ = [k for i, k in enumerate(keys) if len({row[i + 2] for row in rows}) > 1]
-    if not errors and not differ:
+    if not errors and len({row[2] for row in rows}) == 1:
         return
-    # The failure path: every rank takes part, so the messages travel too.
-    mine = {"error": error, "fields": {k: repr(fields[k]) for k in differ}}
+    # The failure path: every rank takes part, so the messages and values travel too.
+    mine = {"error": error, "fields": {k: repr(fields[k]) for k in keys}}
     every: list[Any] = [None] * C.group_size(group)
     dist.all_gather_object(every, mine, group=group)
+    differ = [k for k in keys if len({e["fields"][k] for e in every}) > 1]
     if errors:
         detail = "; ".join(f"rank {r}: {every[r]['error']}" for r in errors)
         raise AgreementError(f"{what}: {detail}")

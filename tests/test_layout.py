@@ -75,7 +75,7 @@ def test_shard_batch_labels_positions(layout):
             mask[0, -3:] = 0  # right padding in row 0
             batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": mask, "tag": "x"}
             outs, full = _reassemble(p, layout, batch)
-            assert "labels" not in outs[0] and outs[0]["tag"] == "x"
+            assert outs[0]["labels"] is outs[0]["shift_labels"] and outs[0]["tag"] == "x"
             expect = torch.full_like(ids, -100)
             expect[:, :-1] = ids[:, 1:]
             expect[0, -4:] = -100  # the labels of padding tokens are ignored
