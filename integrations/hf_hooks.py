@@ -53,7 +53,7 @@ def _pre_forward(module: nn.Module, args: tuple, kwargs: dict):
     get = lambda name: bound.get(name, extra.get(name, kwargs.get(name)))  # noqa: E731
     ids = get("input_ids") if get("input_ids") is not None else get("inputs_embeds")
     pos, docs, tag = get("position_ids"), get(DOC_IDS_KEY), get(LAYOUT_KEY)
-    error = collect_error(lambda: _local_checks(state, module, pos, tag))
+    error = collect_error(lambda: _local_checks(state, module, pos, tag, ids))
     agree(state.group, f"{type(module).__name__}.forward", {
         "model": _model_fingerprint(module),
         "seqpar_config": fingerprint(sorted(state.config.to_dict().items())),
@@ -70,8 +70,18 @@ def _pre_forward(module: nn.Module, args: tuple, kwargs: dict):
     return None
 
 
-def _local_checks(state: SPState, module: nn.Module, pos, tag) -> None:
+def _local_checks(state: SPState, module: nn.Module, pos, tag, ids) -> None:
     cfg = state.config
+    if ids is not None and ids.dim() >= 2:
+        seq, div = ids.shape[1] * state.sp_size, cfg.seq_len_divisor
+        if seq % div:
+            raise ValueError(
+                f"sequence length {seq} (= {ids.shape[1]} per rank x sp_size {state.sp_size}) "
+                f"is not a multiple of {div} (layout={cfg.layout!r}"
+                f"{', dilation' if cfg.attention == 'dilated' else ''}): pad the batch with "
+                f"SPDataCollator(..., pad_to_multiple_of={div}) or "
+                f"shard_batch(..., pad_to_multiple_of={div})"
+            )
     if state.sp_size > 1 and pos is None:
         raise ValueError(
             f"{type(module).__name__} was called without position_ids under sequence "

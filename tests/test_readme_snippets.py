@@ -47,8 +47,9 @@ from transformers import (  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ("README.md", os.path.join("examples", "README.md"))
 MARKER = re.compile(r"<!-- (snippet|launch): ([\w-]+) -->\n```(\w+)\n(.*?)```", re.S)
-SPAWNED = ("attention", "plain-loop", "lora", "trainer")  # run in the spawned 2-rank group
-LAUNCHED = {"deepspeed": "deepspeed-cpu", "accelerate": "accelerate-cpu"}  # snippet: launch
+SPAWNED = ("attention", "ulysses", "plain-loop", "lora", "trainer")  # in the 2-rank group
+LAUNCHED = {"deepspeed": "deepspeed-cpu", "accelerate": "accelerate-cpu",  # snippet: launch
+            "tiled-loss": "deepspeed-cpu"}
 GPU_ONLY = ("deepspeed-gpu",)  # launch lines that need GPUs (their CPU twin runs)
 VOCAB, ROW, ROWS = 64, 30, 6
 LOSS_RTOL = 2e-5
@@ -182,6 +183,13 @@ def _snippets(rank: int, world: int, code: dict, out: str) -> dict:
     y_ref = shard(reference_forward(ns["mha"], ns["x_full"]), 2, mine, "zigzag")
     res["mha_err"] = (ns["y"] - y_ref).abs().max().item()
 
+    # Ulysses x ring: its own groups (the attention snippet's are destroyed first)
+    sp_groups.destroy()
+    ns = run_snippet(code["ulysses"], fill_ins())
+    want = shard(ref, 2, ns["groups"].sp_rank, ns["cfg"].layout, ulysses_size=2)
+    res["ulysses_err"] = (ns["out"].double() - want).abs().max().item()
+    sp_groups.destroy()
+
     # plain loop: as written, then without the gradient sum
     ns = fill_ins()
     losses = record_losses(ns["model"])
@@ -268,6 +276,7 @@ def test_snippets_match_single_process():
 
     for r in res:
         assert r["ring_err"] <= 1e-5 and r["dilated_err"] <= 1e-5 and r["mha_err"] <= 1e-5, r
+        assert r["ulysses_err"] <= 1e-5, r
         assert "sync_sp_gradients(model)" in r["forgot"]
         assert "use_cpu=True" in r["trainer-no-cpu"]
     for name in ("plain-loop", "lora", "trainer"):  # the SP ranks hold identical weights
@@ -331,7 +340,19 @@ torch.save({"losses": _losses, "params": {n: p.detach().clone() for n, p in
 """
 
 
-def _script(snippet: str, out: str) -> str:
+# The tiled loss never calls the model's top-level forward: record what the call returns.
+RECORD_TILED = """
+import seqpar_ring.integrations.hf_tiled as _tiled
+_tiled_loss = _tiled.tiled_causal_lm_loss
+def _recorded(*a, **k):
+    loss = _tiled_loss(*a, **k)
+    _losses.append(loss.item())
+    return loss
+_tiled.tiled_causal_lm_loss = _recorded
+"""
+
+
+def _script(snippet: str, out: str, record_tiled: bool = False) -> str:
     prelude = (
         "import os, sys, torch\n"
         f"sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})\n"
@@ -342,7 +363,7 @@ def _script(snippet: str, out: str) -> str:
         f"_model, _OUT = model, {out!r}\n"
         "_losses = record_losses(model)\n"
     )
-    return prelude + snippet + EPILOGUE
+    return prelude + (RECORD_TILED if record_tiled else "") + snippet + EPILOGUE
 
 
 def _free_port() -> int:
@@ -351,9 +372,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(snippet: str, line: str, tmp) -> tuple[list[dict], subprocess.CompletedProcess]:
+def _launch(snippet: str, line: str, tmp, record_tiled: bool = False
+            ) -> tuple[list[dict], subprocess.CompletedProcess]:
     script = tmp / "train.py"
-    script.write_text(_script(snippet, str(tmp)))
+    script.write_text(_script(snippet, str(tmp), record_tiled))
     argv = shlex.split(line.replace("\\\n", " "))
     assert "train.py" in argv, argv
     argv[argv.index("train.py")] = str(script)
@@ -387,7 +409,8 @@ def test_launch_line_runs_the_snippet(snippet, tmp_path):
     pytest.importorskip("deepspeed")
     pytest.importorskip("accelerate")
     found = blocks()
-    results, proc = _launch(found[snippet][1], found[LAUNCHED[snippet]][1], tmp_path)
+    results, proc = _launch(found[snippet][1], found[LAUNCHED[snippet]][1], tmp_path,
+                            record_tiled=snippet == "tiled-loss")
     ref_losses, ref_params = _ds_reference()
     for res in results:
         assert_same(snippet, res["losses"], ref_losses,
