@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from seqpar_ring import SeqParConfig
-from seqpar_ring.offload import ActivationOffload, host_pieces
+from seqpar_ring.offload import MIN_PIECE_BYTES, ActivationOffload, host_pieces
 from tests._dist import run_distributed
 
 pytest.importorskip("transformers")
@@ -321,4 +321,6 @@ def test_cuda_bit_identical_with_streams_and_pinned_pieces():
     s = off.stats
     assert (s.packed, s.fetched, s.prefetched, s.host_bytes) == (6, 6, 4, 0)
     assert s.host_peak_bytes == 3 * 3000 * 1024 * 2
-    assert host_pieces(3000 * 1024 * 2) == [2**22, 2**21, 3000 * 1024 * 2 - 2**22 - 2**21]
+    pieces = host_pieces(3000 * 1024 * 2)  # powers of two, largest first, then a short tail
+    assert sum(pieces) == 3000 * 1024 * 2 and pieces[0] == 2**22
+    assert all(p & (p - 1) == 0 for p in pieces[:-1]) and pieces[-1] < MIN_PIECE_BYTES

@@ -39,6 +39,7 @@ KERNELS = {"torch": TorchKernel, "cudnn": CudnnKernel, "flash": FlashKernel}
 _FUSED_DTYPES = (torch.bfloat16, torch.float16)
 
 
+@torch.compiler.assume_constant_result  # a property of the build: a constant for compiled code
 def _cudnn_available() -> bool:
     return torch.backends.cudnn.is_available() and hasattr(
         torch.ops.aten, "_scaled_dot_product_cudnn_attention"
