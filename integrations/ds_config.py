@@ -42,7 +42,7 @@ __all__ = [
 SECTION = "sequence_parallel"
 DS_SIZE_KEY = "sequence_parallel_size"  # DeepSpeed's own key (mesh / HF zero.Init world size)
 
-def _int_or_auto(text: str) -> int | str:
+def int_or_auto(text: str) -> int | str:
     """argparse type of --ulysses-size: a positive integer or 'auto'."""
     if text == "auto":
         return text
@@ -63,7 +63,7 @@ _FLAGS: dict[str, tuple[str, Any, str]] = {
     "--dilation-rates": ("dilation_rates", int, "dilated: one rate per segment, e.g. 1 2"),
     "--sequence-parallel-bucket-size": ("bucket_size", int, "torch kernel tile in tokens"),
     "--sequence-parallel-kernel": ("kernel", str, "auto | torch | cudnn | flash"),
-    "--ulysses-size": ("ulysses_size", _int_or_auto,
+    "--ulysses-size": ("ulysses_size", int_or_auto,
                        "Ulysses x ring: all-to-all factor u of the SP size (p = u x r), or auto"),
     # booleans: --X / --no-X. Named with the common prefix, so a short form such as
     # "--offload" or "--tiled" is never taken by argparse's prefix matching for these flags

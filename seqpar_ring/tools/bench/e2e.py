@@ -344,15 +344,6 @@ def plot(json_path: str, prefix: str | None = None) -> list[str]:
     return written
 
 
-def _int_or_auto(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither an integer nor 'auto'") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m seqpar_ring.bench e2e", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -381,7 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", default=None, choices=("contiguous", "zigzag"),
                    help="default: zigzag for ring attention, contiguous for dilated")
     p.add_argument("--kernel", default="auto")
-    p.add_argument("--ulysses-size", type=_int_or_auto, default=1,
+    from seqpar_ring.integrations.ds_config import int_or_auto
+
+    p.add_argument("--ulysses-size", type=int_or_auto, default=1,
                    help="seqpar only: Ulysses factor u of the SP group (world = u x ring), or "
                    "'auto' (planner, for the first --seq)")
     p.add_argument("--loss-tile", type=int, default=None)
