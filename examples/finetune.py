@@ -11,9 +11,11 @@
 
 Every rank of an SP group holds 1/sp of each row's tokens (zigzag layout); attention passes
 K/V around the ring, so the row is never whole on any rank. Without a launcher the script
-spawns ``--nproc`` gloo processes itself. Outputs in ``--out`` (a run dir): metrics.jsonl
-(one JSON per step and per evaluation), checkpoints/ (engine.save_checkpoint), args.json.
-Plot it with ``python -m seqpar_ring.plot <run dir>``.
+spawns ``--nproc`` gloo processes itself (``--preset h200`` without a launcher: one process
+on one GPU). Outputs in ``--out`` (a run dir): metrics.jsonl (one JSON per step and per
+evaluated length), summary.json (per training stage and per evaluated length), checkpoints/
+(engine.save_checkpoint), args.json. Plot it with ``python -m seqpar_ring.plot <run dir>``.
+Evaluation and its tables: passkey_eval.py; schedules and the GPU preset: recipes.py.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from seqpar_ring.integrations import deepspeed as sp_ds  # noqa: E402
 from seqpar_ring.integrations.hf import SPDataCollator, shard_dataloader  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
