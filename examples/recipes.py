@@ -19,7 +19,7 @@ PRESETS = {
                "16384x8:150,32768x8:400",
         lr=3e-3, warmup=50, hidden=128, heads=4, layers=2, rope_theta=1e8,
         eval_lens="32768,65536,131072", eval_batch_size=1, eval_per_depth=8,
-        depths="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", fast_data=True, max_train_s=330.0,
+        depths="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", fast_data=True, max_train_s=300.0,
         log_every=25, save_every=0, progress_bar=False, preflight=True),
 }
 
