@@ -415,6 +415,7 @@ def _check_gpus(args) -> None:
     if torch.cuda.device_count() < need:
         raise SystemExit(f"error: {need} processes per node but {torch.cuda.device_count()} "
                          "visible GPUs: launch one process per GPU")
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # no context on GPU 0
     if not torch.cuda.is_bf16_supported():
         raise SystemExit(f"error: --preset {args.preset} trains in bf16, which "
                          f"{torch.cuda.get_device_name()} does not support")
