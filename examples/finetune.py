@@ -3,22 +3,27 @@
     python examples/finetune.py                       # 2 CPU processes (gloo), tiny random Llama,
                                                       # passkey retrieval at 1024 tokens, SP = 2
     torchrun --nproc_per_node 2 examples/finetune.py  # the same under a launcher
+    python examples/finetune.py --preset h200         # one GPU: passkey at 32K tokens, then
+                                                      # evaluated at 32K, 64K and 128K
+    torchrun --nproc_per_node 2 examples/finetune.py --preset h200   # 2 GPUs, SP = 2
     deepspeed --num_gpus 8 examples/finetune.py --deepspeed_config configs/zero3_sp.json \\
         --model meta-llama/Meta-Llama-3-8B --seq-len 65536 --data my.jsonl   # see README.md
 
 Every rank of an SP group holds 1/sp of each row's tokens (zigzag layout); attention passes
 K/V around the ring, so the row is never whole on any rank. Without a launcher the script
-spawns ``--nproc`` gloo processes itself. Outputs in ``--out`` (a run dir): metrics.jsonl
-(one JSON per step and per evaluation), checkpoints/ (engine.save_checkpoint), args.json.
-Plot it with ``python -m seqpar_ring.plot <run dir>``.
+spawns ``--nproc`` gloo processes itself (``--preset h200`` without a launcher: one process
+on one GPU). Outputs in ``--out`` (a run dir): metrics.jsonl (one JSON per step and per
+evaluated length), summary.json (per training stage and per evaluated length), checkpoints/
+(engine.save_checkpoint), args.json. Plot it with ``python -m seqpar_ring.plot <run dir>``.
+Evaluation and its tables: passkey_eval.py; schedules and the GPU preset: recipes.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
-import math
 import os
 import socket
 import sys
@@ -28,18 +33,32 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # examples/passkey.py
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # examples/passkey.py, ...
 import passkey  # noqa: E402
+from passkey_eval import (  # noqa: E402
+    DEPTHS,
+    environment,
+    evaluate,
+    log,
+    passkey_data,
+    preflight,
+    print_eval,
+    print_summary,
+    stamp,
+)
+from recipes import PRESETS, lr_lambda, parse_stages, preset_ds_config, step_plan  # noqa: E402
 
 from seqpar_ring.integrations import deepspeed as sp_ds  # noqa: E402
 from seqpar_ring.integrations.hf import SPDataCollator, shard_dataloader  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="defaults of a "
+                   "GPU recipe (h200: one H200, passkey at 32K, evaluated at 32K/64K/128K); "
+                   "flags given explicitly still win")
     p.add_argument("--model", default=None, help="HF model name or path (default: tiny random "
                    "Llama built from LlamaConfig, nothing downloaded)")
     p.add_argument("--data", default=None, help="your .jsonl ('text') / .txt data, packed into "
@@ -48,7 +67,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "runs/passkey, or runs/<data file name> with --data)")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per row (all SP ranks)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per step per SP group")
-    p.add_argument("--steps", type=int, default=600, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 600; "
+                   "with --stages: their sum)")
+    p.add_argument("--stages", default=None, help="curriculum as LENxROWS:STEPS,... (rows of "
+                   "LEN tokens, ROWS per step per SP group, for STEPS steps); replaces "
+                   "--curriculum, --batch-size, --steps and --seq-len (the last LEN)")
     p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer "
                    "step (default: the config's gradient_accumulation_steps)")
     p.add_argument("--lr", type=float, default=None, help="default: 3e-3 for the tiny model, "
@@ -58,16 +81,75 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "shorter passkey rows (--seq-len/8, /4, /2); 0 = full length throughout")
     p.add_argument("--digits", type=int, default=4, help="passkey digits")
     p.add_argument("--eval-per-depth", type=int, default=16, help="eval rows per needle depth")
+    p.add_argument("--eval-lens", default=None, help="comma-separated row lengths to evaluate "
+                   "the final model at (default: --seq-len)")
+    p.add_argument("--eval-batch-size", type=int, default=None, help="rows per eval forward "
+                   "(default: --batch-size)")
+    p.add_argument("--depths", default=None, help="comma-separated needle depths in [0, 1] "
+                   "for the evaluation (default: 0,0.25,0.5,0.75,1)")
+    p.add_argument("--hidden", type=int, default=64, help="tiny model: hidden size (MLP 2x)")
+    p.add_argument("--layers", type=int, default=2, help="tiny model: decoder layers")
+    p.add_argument("--heads", type=int, default=4, help="tiny model: attention heads")
+    p.add_argument("--rope-theta", type=float, default=None, help="tiny model: RoPE base "
+                   "(default: transformers' 10000)")
+    p.add_argument("--fast-data", action=argparse.BooleanOptionalAction, default=False,
+                   help="draw passkey rows with torch in one go (same task, another random "
+                   "stream); per-token Python costs ~15 ms per 32K row")
+    p.add_argument("--max-train-s", type=float, default=0.0, help="stop training after this "
+                   "many seconds (then save and evaluate); 0 = no limit")
+    p.add_argument("--preflight", action=argparse.BooleanOptionalAction, default=False,
+                   help="before training, run one forward at the longest eval length "
+                   "(fails fast on memory or kernel problems)")
+    p.add_argument("--progress-bar", action=argparse.BooleanOptionalAction, default=True,
+                   help="tqdm bar (else only the timestamped log lines)")
     p.add_argument("--log-every", type=int, default=20, help="print a line every N steps")
-    p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (+end)")
+    p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps "
+                   "(+end); 0 = at the end only")
     p.add_argument("--nproc", type=int, default=2, help="processes to spawn without a launcher")
     p.add_argument("--seed", type=int, default=0, help="data and initialisation seed")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # deepspeed
     p.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)  # launcher habit
-    p.add_argument("--deepspeed_config", default=os.path.join(ROOT, "configs", "cpu_gloo.json"),
-                   help="DeepSpeed JSON with a sequence_parallel section (see configs/)")
+    p.add_argument("--deepspeed_config", default=None, help="DeepSpeed JSON with a "
+                   "sequence_parallel section (see configs/; default configs/cpu_gloo.json, "
+                   "with --preset a built-in bf16 ZeRO-2 config)")
     sp_ds.add_argparse_args(p)  # --sequence-parallel-size, -layout, -attention, ... override it
-    args = p.parse_args(argv)
+    preset = p.parse_known_args(argv)[0].preset
+    if preset:
+        p.set_defaults(**PRESETS[preset])
+    return resolve_args(p.parse_args(argv))
+
+
+def _numbers(text: str, kind, flag: str) -> list:
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"error: {flag} {text!r} must be comma-separated numbers") from None
+
+
+def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Derived settings and every check that needs no process group (fail before spawning)."""
+    args.stage_list = parse_stages(args.stages) if args.stages else None
+    if args.stage_list:
+        if args.data:
+            raise SystemExit("error: --stages is a passkey curriculum; with --data use "
+                             "--seq-len/--batch-size/--steps")
+        if args.steps is not None:
+            raise SystemExit(f"error: --steps {args.steps} and --stages both set the step "
+                             f"count; the stages add up to {sum(s[2] for s in args.stage_list)}"
+                             ": change --stages")
+        args.steps = sum(s[2] for s in args.stage_list)
+        args.batch_size = max(s[1] for s in args.stage_list)  # DeepSpeed's micro batch
+        args.seq_len = args.stage_list[-1][0]  # the length trained last is the one evaluated
+    elif args.steps is None:
+        args.steps = 600
+    args.eval_len_list = (_numbers(args.eval_lens, int, "--eval-lens") if args.eval_lens
+                          else [args.seq_len])
+    args.depth_list = _numbers(args.depths, float, "--depths") if args.depths else DEPTHS
+    if not args.depth_list or any(not 0.0 <= d <= 1.0 for d in args.depth_list):
+        raise SystemExit(f"error: --depths {args.depths!r} must be values in [0, 1]")
+    if args.hidden % args.heads:
+        raise SystemExit(f"error: --hidden {args.hidden} is not a multiple of --heads "
+                         f"{args.heads}")
     if args.out is None:  # the run is named after its data (the plot titles use the name)
         name = os.path.splitext(os.path.basename(args.data))[0] if args.data else "passkey"
         args.out = os.path.join("runs", name)
@@ -83,15 +165,32 @@ def build_model(args, vocab_size: int):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
     torch.manual_seed(args.seed)  # identical random weights on every rank
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                      max_position_embeddings=max(4096, args.seq_len), use_cache=False,
-                      attention_dropout=0.0, tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg)
+    hidden, heads = getattr(args, "hidden", 64), getattr(args, "heads", 4)
+    theta = getattr(args, "rope_theta", None)
+    rope = {"rope_parameters": {"rope_type": "default", "rope_theta": theta}} if theta else {}
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=getattr(args, "layers", 2), num_attention_heads=heads,
+                      num_key_value_heads=heads, max_position_embeddings=max(
+                          4096, args.seq_len, *getattr(args, "eval_len_list", [])),
+                      use_cache=False, attention_dropout=0.0, tie_word_embeddings=False, **rope)
+    model = LlamaForCausalLM(cfg)
+    if theta:  # a transformers version that ignored the base would fail only at long range
+        inv = model.model.rotary_emb.inv_freq.double()
+        d = hidden // heads
+        want = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+        if inv.shape != want.shape or not torch.allclose(inv, want, rtol=1e-4, atol=0.0):
+            raise RuntimeError(f"rope_theta={theta:g} was not applied by this transformers "
+                               f"version: inverse frequencies {inv[:3].tolist()}..., wanted "
+                               f"{want[:3].tolist()}...")
+    return model
 
 
 def deepspeed_config(args) -> dict:
-    ds = sp_ds.load_ds_config(args.deepspeed_config)
+    if args.deepspeed_config is None and getattr(args, "preset", None):
+        ds = preset_ds_config(args)
+    else:
+        ds = sp_ds.load_ds_config(args.deepspeed_config
+                                  or os.path.join(ROOT, "configs", "cpu_gloo.json"))
     ds["train_micro_batch_size_per_gpu"] = args.batch_size
     ds["gradient_accumulation_steps"] = args.grad_accum or ds.get("gradient_accumulation_steps", 1)
     ds.pop("train_batch_size", None)  # DeepSpeed derives it: micro * accumulation * (world/sp)
@@ -106,40 +205,17 @@ def deepspeed_config(args) -> dict:
     return ds
 
 
-def lr_lambda(args):
-    def f(step: int) -> float:  # linear warmup, cosine to 10 %
-        if step < args.warmup:
-            return (step + 1) / args.warmup
-        t = (step - args.warmup) / max(1, args.steps - args.warmup)
-        return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, t)))
-    return f
-
-
-def row_len(args, step: int, divisor: int) -> int:
-    """Curriculum: the lookup is learned on short rows (1/8 of --seq-len for the first half of
-    the curriculum, then 1/4, 1/2), then kept while the rows grow to the full length."""
-    if args.data or step >= args.curriculum * args.steps:
-        return args.seq_len
-    frac = step / (args.curriculum * args.steps)
-    n = args.seq_len // (8 if frac < 0.5 else 4 if frac < 0.75 else 2)
-    return max(divisor, n // divisor * divisor)
-
-
-def passkey_data(args, tokenizer, size: int, seq_len: int, seed: int, depths=None):
-    """The tiny-vocabulary passkey rows, or the same task in words for a real tokenizer."""
-    if tokenizer is None:
-        return passkey.PasskeyDataset(size, seq_len, args.digits, seed, depths)
-    return passkey.TextPasskeyDataset(tokenizer, size, seq_len, args.digits, seed, depths)
-
-
-def passkey_batches(args, collate: SPDataCollator, groups, divisor: int, tokenizer):
-    """Yields (this rank's shard, row length). Rows are drawn per (step, DP replica): the SP
-    ranks of a group draw the same rows and keep their own tokens."""
-    for step in range(args.steps):
-        n = row_len(args, step, divisor)
-        ds = passkey_data(args, tokenizer, args.batch_size, n,
-                          seed=(args.seed * 7919 + step) * groups.dp_size + groups.dp_rank + 1)
-        yield collate([ds[i] for i in range(len(ds))]), n
+def passkey_batches(args, collate: SPDataCollator, groups, plan, tokenizer):
+    """Yields (this rank's shard, row length, rows). Rows are drawn per (step, DP replica): the
+    SP ranks of a group draw the same rows and keep their own tokens."""
+    for step, (n, rows) in enumerate(plan):
+        seed = (args.seed * 7919 + step) * groups.dp_size + groups.dp_rank + 1
+        if getattr(args, "fast_data", False) and tokenizer is None:
+            b = passkey.passkey_batch(rows, n, args.digits, seed)
+            yield collate.shard({"input_ids": b["input_ids"], "labels": b["labels"]}), n, rows
+        else:
+            ds = passkey_data(args, tokenizer, rows, n, seed=seed)
+            yield collate([ds[i] for i in range(len(ds))]), n, rows
 
 
 def data_batches(args, engine, tokenizer):
@@ -154,41 +230,11 @@ def data_batches(args, engine, tokenizer):
     while True:
         loader.set_epoch(epoch)
         for batch in loader:
-            yield batch, args.seq_len
+            yield batch, args.seq_len, args.batch_size
             step += 1
             if step == args.steps:
                 return
         epoch += 1
-
-
-@torch.no_grad()
-def evaluate(engine, args, collate: SPDataCollator, tokenizer=None) -> dict:
-    """Passkey accuracy by needle depth at the full --seq-len (teacher forced: a key counts
-    when every digit is the argmax, which is what greedy decoding would produce)."""
-    g = engine.seqpar_groups
-    ds = passkey_data(args, tokenizer, len(DEPTHS) * args.eval_per_depth, args.seq_len,
-                      seed=10**6 + args.seed, depths=DEPTHS)
-    # rows, keys right, tokens right, tokens per depth; on the engine's device (NCCL needs it)
-    stats = torch.zeros(len(DEPTHS), 4, dtype=torch.float64, device=engine.device)
-    engine.eval()
-    for start in range(g.dp_rank * args.batch_size, len(ds), g.dp_size * args.batch_size):
-        idx = list(range(start, min(start + args.batch_size, len(ds))))
-        batch = {k: v.to(engine.device) for k, v in collate([ds[i] for i in idx]).items()}
-        logits = engine(**batch).logits
-        labels = batch["shift_labels"]
-        answer = labels != passkey.IGNORE
-        counts = torch.stack([((logits.argmax(-1) != labels) & answer).sum(1),
-                              answer.sum(1)], 1).double()
-        dist.all_reduce(counts, group=g.sp_group)  # digits of one key may sit on other ranks
-        for i, (wrong, total) in zip(idx, counts.tolist()):
-            stats[DEPTHS.index(ds.depth_of(i))] += torch.tensor(
-                [1.0, wrong == 0, total - wrong, total], dtype=stats.dtype, device=stats.device)
-    dist.all_reduce(stats, group=g.dp_group)
-    engine.train()
-    by_depth = {f"{d:g}": stats[j, 1].item() / stats[j, 0].item() for j, d in enumerate(DEPTHS)}
-    return {"accuracy": stats[:, 1].sum().item() / stats[:, 0].sum().item(),
-            "digit_accuracy": stats[:, 2].sum().item() / stats[:, 3].sum().item(),
-            "by_depth": by_depth}
 
 
 def train(args) -> dict:
@@ -201,9 +247,14 @@ def train(args) -> dict:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(args.model)
+    ds_cfg = deepspeed_config(args)
+    divisor = sp_ds.config_from_args(args, ds_cfg)[0].seq_len_divisor
+    plan = None if args.data else step_plan(args, divisor)  # checked before the model is built
+    for n in getattr(args, "eval_len_list", []):
+        if n % divisor:
+            raise SystemExit(f"error: --eval-lens {n} is not a multiple of {divisor}")
     vocab = len(passkey.VOCAB) if not args.data else passkey.BYTE_VOCAB
     model = build_model(args, vocab)
-    ds_cfg = deepspeed_config(args)
     engine, _, _, _ = sp_ds.initialize(
         model=model, config=ds_cfg, model_parameters=[p for p in model.parameters()
                                                       if p.requires_grad],
@@ -220,14 +271,35 @@ def train(args) -> dict:
               f"{sum(getattr(p, 'ds_numel', p.numel()) for p in model.parameters()) / 1e6:.2f}"
               "M params, rows of "
               f"{args.seq_len} tokens = {args.seq_len // cfg.sp_size} per rank", flush=True)
+        log(f"engine ready: {environment(engine)}")
+    if getattr(args, "preflight", False) and not args.data:
+        preflight(engine, args, collate, tokenizer)
     metrics = open(os.path.join(args.out, "metrics.jsonl"), "w") if rank == 0 else None
     batches = (data_batches(args, engine, tokenizer) if args.data
-               else passkey_batches(args, collate, g, cfg.seq_len_divisor, tokenizer))
+               else passkey_batches(args, collate, g, plan, tokenizer))
     from tqdm import tqdm
 
-    bar = tqdm(total=args.steps, disable=rank != 0, dynamic_ncols=True)
+    bar = tqdm(total=args.steps, disable=rank != 0 or not args.progress_bar, dynamic_ncols=True)
+    say = bar.write if args.progress_bar else (lambda line: print(line, flush=True))
+    stages: list[dict] = []
+    step_s: list[float] = []
+    cuda = engine.device.type == "cuda"
     t_start = time.perf_counter()
-    for step, (batch, n) in enumerate(batches):
+    done = 0
+    for step, (batch, n, rows) in enumerate(batches):
+        if not stages or (stages[-1]["seq_len"], stages[-1]["rows"]) != (n, rows):
+            if stages:
+                stages[-1]["tokens_per_s"] = _median_rate(stages[-1], step_s)
+            step_s = []
+            stages.append({"seq_len": n, "rows": rows, "steps": 0, "wall_s": 0.0})
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            if rank == 0:
+                left = (len(list(itertools.takewhile((n, rows).__eq__, plan[step:])))
+                        if plan else args.steps)
+                bar.clear()
+                log(f"stage {len(stages)}: rows of {n} tokens ({n // cfg.sp_size} per rank) x "
+                    f"{rows} per step, steps {step + 1}-{step + left}")
         t0 = time.perf_counter()
         # ---- the training step: this rank's 1/sp of every row in, the whole rows' loss out
         batch = {k: v.to(engine.device) for k, v in batch.items()}
@@ -239,43 +311,77 @@ def train(args) -> dict:
         dist.all_reduce(loss, group=g.dp_group)  # SP ranks agree already; mean over replicas
         loss = loss.item() / g.dp_size  # waits for the step: dt below is its real time
         dt = time.perf_counter() - t0
-        rec = {"step": step + 1, "loss": loss, "seq_len": n,
-               "lr": engine.get_lr()[0], "tokens_per_s": args.batch_size * n * g.dp_size / dt,
+        done = step + 1
+        step_s.append(dt)
+        st = stages[-1]
+        st.update(steps=st["steps"] + 1, wall_s=st["wall_s"] + dt, last_loss=loss)
+        rec = {"step": done, "loss": loss, "seq_len": n,
+               "lr": engine.get_lr()[0], "tokens_per_s": rows * n * g.dp_size / dt,
                "elapsed_s": time.perf_counter() - t_start}
-        if torch.cuda.is_available():
-            rec["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if cuda:
+            rec["peak_gib"] = st["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if rank == 0:
             metrics.write(json.dumps(rec) + "\n")
             bar.set_postfix(loss=f"{rec['loss']:.3f}", len=n, tok_s=f"{rec['tokens_per_s']:.0f}")
             bar.update()
-            if (step + 1) % args.log_every == 0:
-                bar.write(f"step {step + 1:5d} | loss {rec['loss']:.4f} | len {n} | "
-                          f"lr {rec['lr']:.2e} | {rec['tokens_per_s']:.0f} tok/s")
+            if done % args.log_every == 0:
+                say(f"{stamp()} step {done:5d} | "
+                    f"loss {rec['loss']:.4f} | len {n} x {rows} | lr {rec['lr']:.2e} | "
+                    f"{rec['tokens_per_s']:,.0f} tok/s"
+                    + (f" | peak {rec['peak_gib']:.2f} GiB" if cuda else ""))
                 metrics.flush()
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+        if (args.save_every and done % args.save_every == 0) or done == args.steps:
             sp_ds.save_checkpoint(engine, os.path.join(args.out, "checkpoints"))
+        if args.max_train_s and done < args.steps and _over_budget(engine, t_start, args):
+            if rank == 0:
+                bar.clear()
+                log(f"WARNING: --max-train-s {args.max_train_s:g} reached after step {done} of "
+                    f"{args.steps} (rows of {n} tokens): stopping, saving, evaluating")
+            sp_ds.save_checkpoint(engine, os.path.join(args.out, "checkpoints"))
+            break
     bar.close()
-    result = {"train_s": time.perf_counter() - t_start}
-    if torch.cuda.is_available():
-        result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if stages:
+        stages[-1]["tokens_per_s"] = _median_rate(stages[-1], step_s)
+    result = {"train_s": time.perf_counter() - t_start, "steps_done": done, "stages": stages}
+    if rank == 0:
+        log(f"training done: {done} steps in {result['train_s']:.1f} s")
+    if cuda:
+        result["peak_gib"] = max(st.get("peak_gib", 0.0) for st in stages)
         if rank == 0:
             print(f"peak GPU memory {result['peak_gib']:.2f} GiB per GPU (rank 0)", flush=True)
+    evals = []
     if not args.data:
-        result.update(evaluate(engine, args, collate, tokenizer))
-        if rank == 0:
-            metrics.write(json.dumps({"step": args.steps, "eval": result}) + "\n")
-            print(f"\npasskey accuracy by needle depth ({args.seq_len} tokens, "
-                  f"{args.eval_per_depth} keys per depth, chance {10.0 ** -args.digits:g}):")
-            print("| depth | " + " | ".join(result["by_depth"]) + " | all |")
-            print("|---" * (len(DEPTHS) + 2) + "|")
-            print("| accuracy | " + " | ".join(f"{a:.2f}" for a in result["by_depth"].values())
-                  + f" | {result['accuracy']:.2f} |")
-            print(f"digit accuracy {result['digit_accuracy']:.3f} (chance 0.1); "
-                  f"trained {args.steps} steps in {result['train_s']:.0f} s")
+        for n in args.eval_len_list:
+            if rank == 0:
+                log(f"evaluating at {n} tokens per row ({len(args.depth_list)} depths x "
+                    f"{args.eval_per_depth} keys, {n // cfg.sp_size} tokens per rank)")
+            res = evaluate(engine, args, collate, tokenizer, seq_len=n)
+            evals.append(res)
+            if rank == 0:
+                metrics.write(json.dumps({"step": done, "eval": res}) + "\n")
+                metrics.flush()
+                print_eval(args, res, result["train_s"], done)
+        result.update(evals[0])  # the training length's figures at the top level
+        result["evals"] = evals
     if rank == 0:
         metrics.close()
+        with open(os.path.join(args.out, "summary.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        print_summary(stages, evals)
         _print_outputs(args)
     return result
+
+
+def _median_rate(stage: dict, step_s: list[float]) -> float:
+    return stage["rows"] * stage["seq_len"] / sorted(step_s)[len(step_s) // 2]
+
+
+def _over_budget(engine, t_start: float, args) -> bool:
+    """Every rank must stop at the same step (else a collective hangs): rank 0's clock decides."""
+    flag = torch.tensor([float(time.perf_counter() - t_start > args.max_train_s)],
+                        device=engine.device)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def _print_outputs(args) -> None:
@@ -284,7 +390,10 @@ def _print_outputs(args) -> None:
     latest = os.path.join(ckpt, "latest")  # DeepSpeed names the newest tag there
     tag = open(latest).read().strip() if os.path.isfile(latest) else "none"
     print(f"\noutputs in {args.out}/:\n"
-          f"  metrics.jsonl  one line per step (loss, row length, lr, tokens/s) + the evaluation\n"
+          f"  metrics.jsonl  one line per step (loss, row length, lr, tokens/s) + one per "
+          f"evaluated length\n"
+          f"  summary.json   training per stage and the evaluations (accuracy by depth, "
+          f"tokens/s, peak memory)\n"
           f"  args.json      this run's arguments and SP settings\n"
           f"  checkpoints/   DeepSpeed checkpoints, latest {tag} (sp_ds.load_checkpoint resumes)\n"
           f"plot: python -m seqpar_ring.plot {args.out}", flush=True)
@@ -301,22 +410,52 @@ def _worker(rank: int, world: int, port: int, args) -> None:
         dist.destroy_process_group()
 
 
+def _check_gpus(args) -> None:
+    """The GPU preset fails here, before any model or DeepSpeed work, if the machine is off."""
+    if not torch.cuda.is_available():
+        raise SystemExit(f"error: --preset {args.preset} needs CUDA GPUs and torch found none "
+                         f"(torch {torch.__version__}); on CPU run without --preset")
+    need = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if torch.cuda.device_count() < need:
+        raise SystemExit(f"error: {need} processes per node but {torch.cuda.device_count()} "
+                         "visible GPUs: launch one process per GPU")
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # no context on GPU 0
+    if not torch.cuda.is_bf16_supported():
+        raise SystemExit(f"error: --preset {args.preset} trains in bf16, which "
+                         f"{torch.cuda.get_device_name()} does not support")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:  # torchrun / deepspeed
+    launched = "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ
+    if args.preset:
+        if not launched:  # one GPU, this process: a world of one, no launcher needed
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+                              RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+            launched = True
+        _check_gpus(args)
+    if launched:  # torchrun / deepspeed
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if not dist.is_initialized():
             dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=5))
-        train(args)
+        try:
+            train(args)
+        finally:
+            if args.preset:
+                dist.destroy_process_group()
         return
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:  # no launcher: spawn the ranks ourselves, CPU + gloo
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()  # no launcher: spawn the ranks ourselves, CPU + gloo
     mp.spawn(_worker, args=(args.nproc, port, args), nprocs=args.nproc, join=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -66,6 +66,44 @@ def passkey_sample(seq_len: int, digits: int, depth: float, rng: random.Random) 
     return {"input_ids": ids, "labels": labels, "passkey": key, "depth": depth}
 
 
+def passkey_batch(size: int, seq_len: int, digits: int = 4, seed: int = 0,
+                  depths: list[float] | None = None) -> dict:
+    """``size`` passkey rows drawn with torch at once (long rows: no per-token Python).
+
+    The same rows as `passkey_sample` (layout, labels, uniform filler and keys) from another
+    random stream: ``seed`` seeds a ``torch.Generator``. ``depths``: one needle depth per row
+    (None: uniform). Returns ``input_ids`` and ``labels`` ``(size, seq_len)`` int64 and
+    ``depth`` ``(size,)``.
+    """
+    if not 1 <= digits <= len(SLOTS):
+        raise ValueError(f"passkey digits={digits} must be in 1..{len(SLOTS)}")
+    n_fill = seq_len - 1 - (1 + digits) - (1 + 2 * digits)
+    if n_fill < 1:
+        raise ValueError(f"seq_len={seq_len} is too short for a {digits}-digit passkey")
+    if depths is not None and len(depths) != size:
+        raise ValueError(f"depths has {len(depths)} values for {size} rows")
+    g = torch.Generator().manual_seed(seed)
+    filler = torch.tensor(encode(FILLER))
+    ids = filler[torch.randint(len(FILLER), (size, seq_len), generator=g)]
+    ids[:, 0] = BOS
+    key = torch.randint(len(DIGITS), (size, digits), generator=g)
+    depth = (torch.rand(size, generator=g, dtype=torch.float64) if depths is None
+             else torch.tensor(depths, dtype=torch.float64))
+    slots = torch.arange(digits)
+    needle = torch.cat([torch.full((size, 1), KEY), STOI[NEEDLE[0]] + slots * 10 + key], 1)
+    start = 1 + torch.round(depth * n_fill).long()  # round half to even, like round()
+    rows = torch.arange(size)[:, None]
+    ids[rows, start[:, None] + torch.arange(1 + digits)] = needle
+    slot_ids = torch.tensor(encode(SLOTS[:digits]))
+    question = torch.stack([slot_ids.expand(size, digits), STOI[DIGITS[0]] + key], 2)
+    ids[:, seq_len - 2 * digits - 1] = ASK
+    ids[:, seq_len - 2 * digits:] = question.reshape(size, 2 * digits)
+    labels = torch.full_like(ids, IGNORE)
+    answer = torch.arange(seq_len - 2 * digits + 1, seq_len, 2)
+    labels[:, answer] = ids[:, answer]
+    return {"input_ids": ids, "labels": labels, "depth": depth}
+
+
 class PasskeyDataset(Dataset):
     """``size`` rows, deterministic per ``seed``; ``depths`` fixes the needle depths (cycled)
     for evaluation, otherwise each row draws a uniform depth."""
