@@ -53,7 +53,7 @@ class SPState:
 
     config: SeqParConfig
     groups: SPGroups | None
-    calls: int = 0  # attention calls since the model's last forward began (routing check)
+    routed: bool = False  # an attention call ran since the forward began (routing check)
     agreed: bool = False
     docs: torch.Tensor | None = None  # document ids the hook derived for this forward
     _cache: tuple = field(default=(), repr=False)  # (position_ids, version, mask, doc_ids)
@@ -240,7 +240,7 @@ def seqpar_ring_attention(
     """AttentionInterface entry: (batch, heads, seq_local, dim) in, (batch, seq_local, heads, dim)
     out, attention weights None. Causal unless ``module.is_causal`` is False."""
     state = state_of(module)
-    state.calls += 1
+    state.routed = True  # a store, no read: nothing for torch.compile to guard on
     seq = query.shape[2] * state.sp_size
     _check_call(state, module, attention_mask, dropout, seq, kwargs)
     doc_ids = kwargs.get(DOC_IDS_KEY)

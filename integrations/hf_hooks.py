@@ -47,7 +47,7 @@ def _model_fingerprint(module: nn.Module) -> int:
 
 def _pre_forward(module: nn.Module, args: tuple, kwargs: dict):
     state = state_of(module)
-    state.calls, state.agreed, state.docs = 0, False, None
+    state.routed, state.agreed, state.docs = False, False, None
     bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
     extra = bound.get("kwargs", {}) if isinstance(bound.get("kwargs"), dict) else {}
     get = lambda name: bound.get(name, extra.get(name, kwargs.get(name)))  # noqa: E731
@@ -104,7 +104,7 @@ def _local_checks(state: SPState, module: nn.Module, pos, tag, ids) -> None:
 
 
 def _post_forward(module: nn.Module, args: tuple, output):
-    if state_of(module).calls == 0:
+    if not state_of(module).routed:
         raise RuntimeError(
             f"{type(module).__name__} ran a forward without calling the {ATTN_NAME!r} "
             "attention: this model does not route attention through transformers' "
