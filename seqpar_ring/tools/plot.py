@@ -3,7 +3,8 @@
 Reads ``<run dir>/metrics.jsonl`` as written by ``examples/finetune.py`` (one JSON object per
 line: training records ``{"step", "loss", "seq_len", "tokens_per_s", ...}`` and evaluation
 records ``{"step", "eval": {"accuracy", "by_depth": {depth: accuracy}}}``) and writes
-``loss.png`` and, when the run was evaluated, ``passkey_accuracy.png`` into the run dir.
+``loss.png`` and, when the run was evaluated, ``passkey_accuracy.png`` (accuracy by needle
+depth at every row length evaluated at the last step) into the run dir.
 """
 
 from __future__ import annotations
@@ -70,19 +71,33 @@ def plot_run(run_dir: str) -> list[str]:
     plt.close(fig)
 
     if evals:
-        last = evals[-1]["eval"]
-        depths = list(last["by_depth"])
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.bar(range(len(depths)), [last["by_depth"][d] for d in depths], color="C2")
-        ax.set_xticks(range(len(depths)), [f"{float(d):.0%}" for d in depths])
-        ax.set(xlabel="needle depth in the row", ylabel="passkey accuracy", ylim=(0, 1.05),
-               title=f"passkey accuracy at step {evals[-1]['step']} "
-                     f"(overall {last['accuracy']:.2f})")
-        fig.tight_layout()
-        written.append(os.path.join(run_dir, "passkey_accuracy.png"))
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        written.append(_plot_accuracy(plt, run_dir, evals))
     return written
+
+
+def _plot_accuracy(plt, run_dir: str, evals: list[dict]) -> str:
+    """Accuracy by needle depth of the last step's evaluations, one bar group per row length
+    (a run evaluated at several lengths shows its length generalisation side by side)."""
+    step = evals[-1]["step"]
+    last = [e["eval"] for e in evals if e["step"] == step]
+    depths = list(last[-1]["by_depth"])
+    fig, ax = plt.subplots(figsize=(min(10, max(6, 0.3 * len(depths) * len(last))), 4))
+    width = 0.8 / len(last)
+    for i, ev in enumerate(last):
+        label = (f"{ev['seq_len']:,} tokens: {ev['accuracy']:.2f}" if "seq_len" in ev
+                 else f"overall {ev['accuracy']:.2f}")
+        xs = [j + (i - (len(last) - 1) / 2) * width for j in range(len(depths))]
+        ax.bar(xs, [ev["by_depth"].get(d, 0.0) for d in depths], width, label=label,
+               color=f"C{2 + i}")
+    ax.set_xticks(range(len(depths)), [f"{float(d):.0%}" for d in depths])
+    ax.set(xlabel="needle depth in the row", ylabel="passkey accuracy", ylim=(0, 1.05),
+           title=f"passkey accuracy at step {step}: {os.path.basename(run_dir)}")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(run_dir, "passkey_accuracy.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
