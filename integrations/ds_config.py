@@ -105,9 +105,12 @@ def split_config(
     ``sequence_parallel.size`` and ``sequence_parallel_size`` both hold the final SP size.
     """
     ds = load_ds_config(ds_config)
-    section = ds.get(SECTION) or {}
+    section = ds.get(SECTION, {})
     if not isinstance(section, Mapping):
-        raise ValueError(f"{SECTION} must be a JSON object of settings, got {section!r}")
+        raise ValueError(
+            f"{SECTION} must be a JSON object of settings, got {section!r}: write e.g. "
+            f'"{SECTION}": {{"size": 2}} (remove the section, or use size 1, for no sequence '
+            "parallelism)")
     section = dict(section)
     if "sp_size" in section:
         raise ValueError(
@@ -118,6 +121,10 @@ def split_config(
         raise ValueError(
             f"{SECTION} has unknown key(s) {unknown}; valid keys are {section_fields()}"
         )
+    for key, value in section.items():
+        if value is None:
+            raise ValueError(f"{SECTION}.{key} is null: give a value or remove the key for its "
+                             "default")
     size = section.pop("size", None)
     top = ds.get(DS_SIZE_KEY)
     if size is not None and top is not None and size != top:

@@ -25,15 +25,18 @@ from seqpar_ring.config import SeqParConfig
 from seqpar_ring.groups import SPGroups
 
 from . import hf_hooks
+from seqpar_ring.agreement import agree, fingerprint
+from seqpar_ring.layout import doc_ids_from_positions
+
 from .hf_attention import (
     ATTN_NAME,
-    DOC_IDS_KEY,
     SPState,
     bind,
-    doc_ids_from_positions,
-    register,
+    is_bound,
+    register_interface,
     resolve_groups,
 )
+from .hf_batch import DOC_IDS_KEY
 from .hf_data import SPDataCollator, shard_dataloader
 from .hf_grads import sync_sp_gradients, track
 from .hf_loss import SPCausalLMLoss, register_sp_ddp_hook
@@ -81,14 +84,23 @@ def patch(model: nn.Module, config: SeqParConfig, groups: SPGroups | None = None
     The model's attention calls use ``config`` and the SP ``groups`` (default: the groups of
     `seqpar_ring.groups.get_groups()`, or new ones from ``config.sp_size`` if torch.distributed
     is up; sp_size 1 -> None, local); other models keep theirs. Returns the groups. Patching
-    again replaces the model's settings.
+    again replaces the model's settings. With torch.distributed initialised, every rank of the
+    job calls it (a one-off agreement on the settings: an ``sp_size`` or layout that differs
+    between ranks raises on every rank instead of training one rank alone).
     """
+    return _patch(model, config, groups)
+
+
+def _patch(model: nn.Module, config: SeqParConfig, groups: SPGroups | None = None, *,
+           agree_world: bool = True) -> SPGroups:
     inner = _hf_model(model)
     if not isinstance(config, SeqParConfig):
         raise ValueError(f"config must be a SeqParConfig, got {type(config).__name__}")
+    if agree_world:
+        _agree_world(config)
     groups = resolve_groups(config, groups)
     _check_config(inner)
-    register()
+    register_interface()
     bind(model, SPState(config=config, groups=groups))
     inner.set_attn_implementation(ATTN_NAME)
     if inner.config._attn_implementation != ATTN_NAME:
@@ -100,7 +112,56 @@ def patch(model: nn.Module, config: SeqParConfig, groups: SPGroups | None = None
     inner.loss_function = SPCausalLMLoss(groups)
     track(inner, groups)  # optimizer.step() refuses gradients never summed over SP
     # On the decoder, not the LM wrapper: explicit-loss paths (hf_tiled) call it directly.
-    hf_hooks.install(inner.get_decoder() if hasattr(inner, "get_decoder") else inner)
+    hf_hooks.install(inner, inner.get_decoder() if hasattr(inner, "get_decoder") else inner)
     from .hf_reach import apply as apply_reach  # activation_offload, tiled_mlp (hf_reach.py)
     apply_reach(inner, config)
     return groups
+
+
+def _agree_world(config: SeqParConfig) -> None:
+    """Every rank of the job patches with the same SP settings (before any group is built)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    agree(dist.group.WORLD, "patch", {"seqpar_config": fingerprint(
+        sorted(config.to_dict().items()))}, timeout_s=config.comm_timeout_s)
+
+
+_REGISTERED: list = []  # [(config, groups)] of register(config); the global hook's handle
+_LAZY_HOOK: list = []
+
+
+def register(config: SeqParConfig | None = None, groups: SPGroups | None = None) -> None:
+    """Register ``"seqpar_ring"`` with transformers' attention and mask interfaces.
+
+    With ``config``, a model loaded with ``attn_implementation="seqpar_ring"`` (and never
+    patched) is patched with ``config`` (and ``groups``, as in `patch`) at its first forward:
+    the same SP loss, gradient guard and hooks as `patch` — there is no second, lighter path.
+    Groups are resolved now, on every rank.
+    """
+    register_interface()
+    if config is None:
+        return
+    if not isinstance(config, SeqParConfig):
+        raise ValueError(f"config must be a SeqParConfig, got {type(config).__name__}")
+    _agree_world(config)
+    _REGISTERED[:] = [(config, resolve_groups(config, groups))]
+    if not _LAZY_HOOK:
+        from torch.nn.modules.module import register_module_forward_pre_hook
+
+        _LAZY_HOOK.append(register_module_forward_pre_hook(_patch_on_first_forward))
+
+
+def _patch_on_first_forward(module: nn.Module, args: tuple) -> None:
+    import torch
+    from transformers import PreTrainedModel
+
+    if torch.compiler.is_compiling() or not isinstance(module, PreTrainedModel) or is_bound(
+            module) or not _REGISTERED:
+        return None
+    if getattr(module.config, "_attn_implementation", None) != ATTN_NAME:
+        return None
+    config, groups = _REGISTERED[0]
+    _patch(module, config, groups, agree_world=False)  # register() agreed already
+    return None

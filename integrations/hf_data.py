@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 from seqpar_ring.config import SeqParConfig
 from seqpar_ring.groups import SPGroups
-from seqpar_ring.layout import shard_batch
+from seqpar_ring.layout import doc_ids_from_positions, shard_batch
 
-from .hf_attention import DOC_IDS_KEY, LAYOUT_KEY, doc_ids_from_positions
+from .hf_attention import LAYOUT_KEY
 from .hf_hooks import layout_tag
 
 __all__ = ["SPDataCollator", "shard_dataloader"]
@@ -73,28 +72,16 @@ class SPDataCollator:
         ids = batch.get("input_ids", batch.get("inputs_embeds"))
         if ids is None:
             raise ValueError("SPDataCollator needs input_ids (or inputs_embeds) in the batch")
-        bsz, seq = ids.shape[:2]
         pos = batch.get("position_ids")
-        if pos is None:
-            pos = torch.arange(seq, device=ids.device).expand(bsz, seq)
-        mask = batch.get("attention_mask")
-        doc = doc_ids_from_positions(pos, mask)
-        if cfg.attention == "dilated" and doc is not None and bool((doc.amax(1) > 0).any()):
+        packed = None if pos is None else doc_ids_from_positions(pos)
+        if cfg.attention == "dilated" and packed is not None and bool((packed[:, -1] > 0).any()):
             raise ValueError(
                 "dilated attention cannot attend within packed documents (position_ids restart "
                 "inside a row): use attention='ring' for packed rows, or one document per row"
             )
         multiple = self.pad_to_multiple_of or cfg.seq_len_divisor
-        padded = -seq % multiple if multiple else 0
-        if padded and doc is None:
-            doc = torch.zeros_like(pos)  # the added right padding becomes the only masked part
-        if doc is not None:
-            batch[DOC_IDS_KEY] = doc + 1  # shard_batch pads extra tensors with 0 -> id -1 below
-        batch["position_ids"] = pos
         out = shard_batch(batch, p, rank, cfg.layout, pad_to_multiple_of=multiple,
                           pad_token_id=self.pad_token_id, ulysses_size=cfg.ulysses_size)
-        if doc is not None:
-            out[DOC_IDS_KEY] = out[DOC_IDS_KEY] - 1
         # for whom the batch was sharded: a model patched with other settings refuses it
         out[LAYOUT_KEY] = layout_tag(p, cfg.layout, cfg.ulysses_size, rank)
         return out

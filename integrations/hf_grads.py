@@ -10,11 +10,11 @@ group (and the MEAN over data-parallel replicas). Who adds them up depends on th
 * a plain loop: `sync_sp_gradients(model)` after the last backward of a step, before gradient
   clipping and ``optimizer.step()``.
 
-`patch` tracks the model (`track`): the backward of its loss marks the step's gradients as
-pending, the sum (either of the last two) clears the mark, and every ``torch.optim`` optimizer
-step over the model's parameters checks the mark first: a step on gradients that were never
-summed raises on every rank instead of training silently wrong (the ranks' weights would drift
-apart). Under DeepSpeed the model is marked as reduced by DeepSpeed and not checked here.
+`patch` tracks the model (`track`): any backward through its decoder's output (whatever loss
+was formed from it) marks the step's gradients as pending, the sum (either of the last two)
+clears the mark, and every ``torch.optim`` optimizer step over the model's parameters checks
+the mark first: a step on gradients that were never summed raises on every rank instead of
+training silently wrong (the ranks' weights would drift apart). Under DeepSpeed the model is marked as reduced by DeepSpeed and not checked here.
 """
 
 from __future__ import annotations
@@ -65,30 +65,20 @@ def grad_state(model: nn.Module) -> GradState | None:
     return None
 
 
-class _MarkBackward(torch.autograd.Function):
-    """Identity whose backward runs first in the model's backward: records a pending sum."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, state: GradState) -> torch.Tensor:
-        ctx.state = state
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        state = ctx.state
-        if state.summed:
-            # The previous sum is only right if this backward starts from zeroed gradients.
-            module = state.module()
-            if module is not None and _has_nonzero_grads(module):
-                raise RuntimeError(
-                    "backward is adding to gradients that sync_sp_gradients already summed over "
-                    "the SP ranks; they would be summed twice. Call sync_sp_gradients once per "
-                    "optimizer step, after the LAST backward of a gradient-accumulation cycle, "
-                    "and zero the gradients after optimizer.step()"
-                )
-            state.summed = False
-        state.pending = True
-        return grad, None
+def _mark_pending(state: GradState) -> None:
+    """Runs first in every backward through the model's decoder: records a pending sum."""
+    if state.summed:
+        # The previous sum is only right if this backward starts from zeroed gradients.
+        module = state.module()
+        if module is not None and _has_nonzero_grads(module):
+            raise RuntimeError(
+                "backward is adding to gradients that sync_sp_gradients already summed over "
+                "the SP ranks; they would be summed twice. Call sync_sp_gradients once per "
+                "optimizer step, after the LAST backward of a gradient-accumulation cycle, "
+                "and zero the gradients after optimizer.step()"
+            )
+        state.summed = False
+    state.pending = True
 
 
 def _has_nonzero_grads(module: nn.Module) -> bool:
@@ -98,18 +88,36 @@ def _has_nonzero_grads(module: nn.Module) -> bool:
     return bool(torch.stack([g.detach().abs().amax().float() for g in grads]).amax() > 0)
 
 
-def _mark_output(state: GradState):
+def _mark_output(state: GradState, key: str, check: bool):
+    # Tensor hooks, not autograd ops: the output stays the same tensor (no view that later
+    # in-place ops, e.g. the Trainer's ``loss *= ...``, would trip over). On the logits the hook
+    # runs before any parameter's gradient of the backward exists, so it can also check that
+    # the previous sum was followed by zeroed gradients; on the decoder's output (which every
+    # loss flows through: a custom one from ``out.logits``, the explicit tiled loss that calls
+    # the decoder directly) it only records the pending sum.
+    def on_grad(grad: torch.Tensor) -> None:
+        if check:
+            _mark_pending(state)
+        else:
+            state.pending = True
+
     def hook(module: nn.Module, args: tuple, output: Any):
         if state.reducer == "deepspeed" or not torch.is_grad_enabled():
             return None
-        for key in ("loss", "logits"):  # any LM loss goes through one of them
-            value = output.get(key) if hasattr(output, "get") else None
-            if isinstance(value, torch.Tensor) and value.requires_grad:
-                setattr(output, key, _MarkBackward.apply(value, state))
-                break
+        value = output.get(key) if hasattr(output, "get") else None
+        if value is None and isinstance(output, (tuple, list, torch.Tensor)):
+            value = output if isinstance(output, torch.Tensor) else output[0]
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            value.register_hook(on_grad)
         return None
 
     return hook
+
+
+class _Handles(tuple):
+    def remove(self) -> None:
+        for handle in self:
+            handle.remove()
 
 
 def track(model: nn.Module, groups: SPGroups | None) -> GradState | None:
@@ -128,7 +136,10 @@ def track(model: nn.Module, groups: SPGroups | None) -> GradState | None:
     state = GradState(groups=groups, reducer=None if old is None else old.reducer,
                       model=weakref.ref(model))
     object.__setattr__(model, _STATE_ATTR, state)
-    object.__setattr__(model, _HOOK_ATTR, model.register_forward_hook(_mark_output(state)))
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    object.__setattr__(model, _HOOK_ATTR, _Handles((
+        model.register_forward_hook(_mark_output(state, "logits", check=True)),
+        decoder.register_forward_hook(_mark_output(state, "last_hidden_state", check=False)))))
     _TRACKED.add(state)
     _install_optimizer_hooks()
     return state

@@ -2,11 +2,14 @@
 
 Before the decoder runs, the SP ranks agree — in one small exchange, before any other
 collective of the step — on what makes their attention calls match: the batch's shapes, the
-model's architecture, the SP settings and whether a backward will follow. Checks that can fail
-on one rank (missing ``position_ids``, a batch sharded for another layout or rank) travel in
-the same exchange, so every rank raises the same error. The attention calls of that forward
-(and their recomputation under gradient checkpointing) then skip their own exchange: the hot
-path has no collective and no host sync besides the ring's own traffic.
+model's architecture and dtypes, the SP settings, whether labels are given and whether a
+backward will follow. Checks that can fail on one rank (missing ``position_ids``, a batch
+sharded for another layout or rank, a 4D mask, float doc ids) travel in the same exchange, so
+every rank raises the same error. The hook then adds the forward's documents (`hf_batch`) and
+an "agreed" flag to the decoder's keyword arguments, which reach every attention call of that
+forward and its recomputation under gradient checkpointing: those calls skip their own
+exchange, so the hot path has no collective and no host sync besides the ring's own traffic.
+The hook on the causal LM around the decoder only notes whether labels were given.
 
 After the decoder ran, a routing check makes sure the attention really went through the
 ``"seqpar_ring"`` interface (a model that bypasses it would silently attend locally).
@@ -22,7 +25,8 @@ from torch import nn
 from seqpar_ring.agreement import agree, collect_error, fingerprint
 from seqpar_ring.config import LAYOUTS
 
-from .hf_attention import ATTN_NAME, DOC_IDS_KEY, LAYOUT_KEY, SPState, derive_doc_ids, state_of
+from .hf_attention import ATTN_NAME, LAYOUT_KEY, SPState, state_of
+from .hf_batch import AGREED_KEY, DOC_IDS_KEY, check_doc_ids, check_mask
 
 __all__ = ["install", "layout_tag"]
 
@@ -45,34 +49,73 @@ def _model_fingerprint(module: nn.Module) -> int:
     return fingerprint((type(module).__name__, *(getattr(cfg, k, None) for k in keys)))
 
 
+def _dtypes(module: nn.Module, docs) -> tuple:
+    """Dtypes that change the ring's messages: parameters, autocast, the batch's doc ids."""
+    param = next(module.parameters(), None)
+    device = "cpu" if param is None else param.device.type
+    cast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    return (str(None if param is None else param.dtype), str(cast),
+            str(docs.dtype) if isinstance(docs, torch.Tensor) else None)
+
+
+def _decoding(get) -> bool:
+    """Does this forward continue a cache (generate's decoding steps)?"""
+    cache = get("cache") if get("cache") is not None else get("past_key_values")
+    length = getattr(cache, "get_seq_length", None)
+    return bool(length is not None and length() > 0)
+
+
+def _outer_pre_forward(module: nn.Module, args: tuple, kwargs: dict):
+    # The causal-LM wrapper sees the labels; its decoder (hooked below) agrees on them.
+    labels = kwargs.get("labels", kwargs.get("shift_labels"))
+    if labels is None and args:
+        bound = inspect.signature(module.forward).bind_partial(*args).arguments
+        labels = bound.get("labels")
+    state_of(module).labels = labels is not None
+    return None
+
+
 def _pre_forward(module: nn.Module, args: tuple, kwargs: dict):
+    """One agreement per forward, then this forward's documents added to its kwargs."""
     state = state_of(module)
-    state.routed, state.agreed, state.docs = False, False, None
+    state.routed = False
+    labels, state.labels = state.labels, None  # read once: set by this call's outer model
     bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
     extra = bound.get("kwargs", {}) if isinstance(bound.get("kwargs"), dict) else {}
     get = lambda name: bound.get(name, extra.get(name, kwargs.get(name)))  # noqa: E731
     ids = get("input_ids") if get("input_ids") is not None else get("inputs_embeds")
     pos, docs, tag = get("position_ids"), get(DOC_IDS_KEY), get(LAYOUT_KEY)
-    error = collect_error(lambda: _local_checks(state, module, pos, tag, ids))
+    decoding = _decoding(get)
+    error = collect_error(lambda: _local_checks(state, module, get, ids, decoding))
     agree(state.group, f"{type(module).__name__}.forward", {
-        "model": _model_fingerprint(module),
+        "model": _model_fingerprint(module), "dtypes": _dtypes(module, docs),
         "seqpar_config": fingerprint(sorted(state.config.to_dict().items())),
         "inputs": _shape(ids), "position_ids": _shape(pos), "doc_ids": _shape(docs),
         "attention_mask": _shape(get("attention_mask")), "batch_tagged": tag is not None,
-        "backward": torch.is_grad_enabled(),
+        "backward": torch.is_grad_enabled(), "labels": labels, "decoding": decoding,
     }, error=error, timeout_s=state.config.comm_timeout_s)
-    # Document ids the attention layers need, once for the whole forward (collator batches
-    # carry them; otherwise from the gathered global positions) — none inside the layers.
-    state.docs = None
-    if docs is None and pos is not None and ids is not None:
-        state.docs = derive_doc_ids(state, pos, get("attention_mask"), ids.shape[0])
-    state.agreed = True
-    return None
+    if decoding or ids is None:
+        return None  # cached decoding: hf_decode, no documents
+    # The documents of THIS forward, from its own tensors, added to the call: HF hands them to
+    # every attention call, and gradient checkpointing keeps them for the recomputation.
+    kwargs = dict(kwargs)
+    kwargs[DOC_IDS_KEY] = state.doc_ids(get, ids.shape[0], ids.shape[1], ids.device)
+    kwargs[AGREED_KEY] = True
+    return args, kwargs
 
 
-def _local_checks(state: SPState, module: nn.Module, pos, tag, ids) -> None:
+def _local_checks(state: SPState, module: nn.Module, get, ids, decoding: bool) -> None:
     cfg = state.config
-    if ids is not None and ids.dim() >= 2:
+    pos, tag = get("position_ids"), get(LAYOUT_KEY)
+    check_mask(get("attention_mask"))
+    if get(DOC_IDS_KEY) is not None and ids is not None:
+        check_doc_ids(get(DOC_IDS_KEY), tuple(ids.shape[:2]))
+    if decoding and state.sp_size > 1:
+        raise ValueError(
+            "cached decoding (generate / past_key_values) is not supported under sequence "
+            "parallelism — each rank's cache would hold only its shard. Generate with the model "
+            "patched at sp_size=1 (or unpatched), or pass use_cache=False")
+    if not decoding and ids is not None and ids.dim() >= 2:
         seq, div = ids.shape[1] * state.sp_size, cfg.seq_len_divisor
         if seq % div:
             raise ValueError(
@@ -113,11 +156,23 @@ def _post_forward(module: nn.Module, args: tuple, output):
     return None
 
 
-def install(decoder: nn.Module) -> None:
-    """(Re)install the hooks on ``decoder`` (the module that runs the attention layers)."""
-    for handle in getattr(decoder, _HOOKS_ATTR, ()):
-        handle.remove()
+def install(model: nn.Module, decoder: nn.Module) -> None:
+    """(Re)install the hooks on ``decoder`` (the module that runs the attention layers) and on
+    ``model``, the causal LM around it (labels)."""
+    params = inspect.signature(decoder.forward).parameters.values()
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        raise ValueError(
+            f"{type(decoder).__name__}.forward takes no **kwargs, so the batch's documents "
+            "cannot reach its attention layers: this model cannot be made sequence-parallel by "
+            "patch()")
+    for module in (model, decoder):
+        for handle in getattr(module, _HOOKS_ATTR, ()):
+            handle.remove()
+        setattr(module, _HOOKS_ATTR, ())
     setattr(decoder, _HOOKS_ATTR, (
         decoder.register_forward_pre_hook(_pre_forward, with_kwargs=True),
         decoder.register_forward_hook(_post_forward),
     ))
+    if model is not decoder:
+        setattr(model, _HOOKS_ATTR, (
+            model.register_forward_pre_hook(_outer_pre_forward, with_kwargs=True),))

@@ -20,6 +20,7 @@ COMMS = ("ring", "allgather")
 KERNELS = ("auto", "torch", "cudnn", "flash")
 AUTO = "auto"  # ulysses_size chosen by the planner (seqpar_ring.tools.plan.resolve_ulysses_size)
 
+MIN_TIMEOUT_S = 1.0  # below this a healthy exchange on a busy machine already times out
 _SECTION = "sequence_parallel"  # prefix of every error message: the key as a user writes it
 
 
@@ -111,9 +112,11 @@ class SeqParConfig:
                 "or null to use the whole block"
             )
         t = self.comm_timeout_s
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0 or math.isinf(t):
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t >= MIN_TIMEOUT_S or (
+                math.isinf(t)):
             raise ValueError(
-                f"{_SECTION}.comm_timeout_s={t!r} must be a finite number of seconds > 0"
+                f"{_SECTION}.comm_timeout_s={t!r} must be a finite number of seconds >= "
+                f"{MIN_TIMEOUT_S:g} (shorter waits fail healthy exchanges; default 600)"
             )
         self._check_ulysses()
         for key in ("activation_offload", "tiled_mlp"):
@@ -197,9 +200,11 @@ class SeqParConfig:
     def seq_len_divisor(self) -> int:
         """The multiple every total sequence length must be (pad to it).
 
-        p for contiguous, 2p for zigzag, times lcm(dilation_rates) for dilated attention.
+        p for contiguous, 2p for zigzag (1 at sp_size 1: one rank holds the row in order),
+        times lcm(dilation_rates) for dilated attention.
         """
-        base = self.sp_size * (2 if self.layout == "zigzag" else 1)
+        zigzag = self.layout == "zigzag" and self.sp_size > 1
+        base = self.sp_size * (2 if zigzag else 1)
         if self.attention == "dilated" and self.dilation_rates:
             base *= math.lcm(*self.dilation_rates)
         return base

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from .agreement import agree, collect_error
+
 __all__ = ["SPGroups", "initialize", "get_groups", "destroy"]
 
 logger = logging.getLogger(__name__)
@@ -186,15 +188,7 @@ def _divisors(n: int) -> tuple[int, ...]:
     return tuple(d for d in range(1, n + 1) if n % d == 0)
 
 
-def _build(sp_size: int, world_group: ProcessGroup | None, ulysses_size: int = 1) -> SPGroups:
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(
-            "seqpar_ring groups need torch.distributed: call "
-            "torch.distributed.init_process_group(...) (or deepspeed.init_distributed()) first"
-        )
-    whole = world_group if world_group is not None else dist.group.WORLD
-    members = tuple(dist.get_process_group_ranks(whole))
-    world = len(members)
+def _check_sizes(sp_size, ulysses_size, world: int) -> None:
     if isinstance(sp_size, bool) or not isinstance(sp_size, int) or sp_size < 1:
         raise ValueError(f"sp_size={sp_size!r} must be an integer >= 1")
     if world % sp_size != 0:
@@ -212,6 +206,22 @@ def _build(sp_size: int, world_group: ProcessGroup | None, ulysses_size: int = 1
             f"ulysses_size({u}) does not divide sp_size({sp_size}): choose ulysses_size from "
             f"{_divisors(sp_size)}"
         )
+
+
+def _build(sp_size: int, world_group: ProcessGroup | None, ulysses_size: int = 1) -> SPGroups:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "seqpar_ring groups need torch.distributed: call "
+            "torch.distributed.init_process_group(...) (or deepspeed.init_distributed()) first"
+        )
+    whole = world_group if world_group is not None else dist.group.WORLD
+    members = tuple(dist.get_process_group_ranks(whole))
+    # Every rank must build the same grid: a rank with another sp_size would wait in new_group
+    # forever. Agree (local checks folded in) before the first group is created.
+    error = collect_error(lambda: _check_sizes(sp_size, ulysses_size, len(members)))
+    agree(whole, "seqpar_ring.groups.initialize",
+          {"sp_size": sp_size, "ulysses_size": ulysses_size}, error=error)
+    world, u = len(members), ulysses_size
     rank = dist.get_rank()
     if rank not in members:
         raise RuntimeError(

@@ -38,7 +38,11 @@ __all__ = [
     "unshard",
     "gather",
     "shard_batch",
+    "doc_ids_from_positions",
+    "DOC_IDS_KEY",
 ]
+
+DOC_IDS_KEY = "sp_doc_ids"  # batch key / model kwarg: (batch, seq_local) document id per token
 
 
 def _check(sp_size: int, layout: str, sp_rank: int | None = None, ulysses_size: int = 1) -> None:
@@ -58,9 +62,12 @@ def _check(sp_size: int, layout: str, sp_rank: int | None = None, ulysses_size: 
 
 
 def seq_len_divisor(sp_size: int, layout: str) -> int:
-    """The multiple every total sequence length must be: p (contiguous) or 2p (zigzag)."""
+    """The multiple every total sequence length must be: p (contiguous) or 2p (zigzag).
+
+    One rank holds the whole row in order whatever the layout, so sp_size 1 needs nothing (1).
+    """
     _check(sp_size, layout)
-    return sp_size * (2 if layout == "zigzag" else 1)
+    return sp_size * (2 if layout == "zigzag" and sp_size > 1 else 1)
 
 
 def chunk_ranges(
@@ -82,7 +89,7 @@ def chunk_ranges(
         ring_rank, piece = divmod(sp_rank, ulysses_size)
         ring = chunk_ranges(seq_len, sp_size // ulysses_size, ring_rank, layout)
         return _slice_ranges(ring, piece * (seq_len // sp_size), seq_len // sp_size)
-    if layout == "contiguous":
+    if layout == "contiguous" or sp_size == 1:
         n = seq_len // sp_size
         return [(sp_rank * n, n)]
     c = seq_len // (2 * sp_size)
@@ -137,7 +144,7 @@ def unshard(
                 pieces.append((start, s.narrow(dim, local, m)))
                 local += m
         return torch.cat([t for _, t in sorted(pieces, key=lambda x: x[0])], dim=dim)
-    if layout == "contiguous":
+    if layout == "contiguous" or p == 1:
         return torch.cat(list(shards), dim=dim)
     if n % 2 != 0:
         raise ValueError(f"zigzag shards hold two equal chunks, got odd length {n} on dim {dim}")
@@ -167,6 +174,29 @@ def gather(
     return unshard(parts, layout, dim=dim, ulysses_size=ulysses_size)
 
 
+def doc_ids_from_positions(position_ids: Tensor, attention_mask: Tensor | None = None
+                           ) -> Tensor | None:
+    """Document ids of GLOBAL rows: a new document starts where positions do not step by +1.
+
+    position_ids, attention_mask: (batch, seq) in global token order. Returns (batch, seq) int64
+    (0, 1, ... per row; -1 where attention_mask == 0), or None when no row is packed or padded.
+    """
+    pos = position_ids
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    doc = starts.long().cumsum(1) - 1
+    pad = None if attention_mask is None else attention_mask == 0
+    if not bool((doc[:, -1] > 0).any()) and (pad is None or not bool(pad.any())):
+        return None
+    return doc if pad is None else doc.masked_fill(pad, -1)
+
+
+def _positive(n: Any) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"pad_to_multiple_of={n!r} must be an integer >= 1")
+    return n
+
+
 def _pad_right(x: Tensor, amount: int, value: Any) -> Tensor:
     shape = list(x.shape)
     shape[1] = amount
@@ -194,6 +224,10 @@ def shard_batch(
        ``shift_labels`` as given (no second shift). A given ``shift_labels`` is kept.
     2. ``position_ids`` are made global (``0..S-1`` per row) when absent, since RoPE and causal
        masks need each token's global position, not its position in the shard.
+       ``sp_doc_ids`` (`DOC_IDS_KEY`), the document of every token (-1 = padding), is added when
+       a row is packed (positions restart) or padded (``attention_mask`` 0, or the padding of
+       step 3): the attention then needs no collective to find the documents, and documents
+       exactly one shard long are told apart from per-shard positions. A given one is kept.
     3. With ``pad_to_multiple_of`` the row is padded on the right to a multiple of
        lcm(pad_to_multiple_of, seq_len_divisor): ``input_ids`` with ``pad_token_id``,
        ``attention_mask`` 0, labels ``ignore_index``, positions continue, other tensors 0.
@@ -228,14 +262,18 @@ def shard_batch(
     if "position_ids" not in seq:
         device = seq[ref].device
         seq["position_ids"] = torch.arange(seq_len, device=device).expand(bsz, seq_len)
+    amount = 0 if pad_to_multiple_of is None else -seq_len % math.lcm(
+        _positive(pad_to_multiple_of), div)
+    if DOC_IDS_KEY not in seq:
+        doc = doc_ids_from_positions(seq["position_ids"], mask)
+        if doc is None and amount:
+            doc = torch.zeros_like(seq["position_ids"], dtype=torch.long)
+        if doc is not None:  # + 1: padding below adds 0, which becomes -1 (padding) after sharding
+            seq[DOC_IDS_KEY] = doc + 1
+    else:
+        seq[DOC_IDS_KEY] = seq[DOC_IDS_KEY] + 1
 
     if pad_to_multiple_of is not None:
-        if isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int) or (
-            pad_to_multiple_of < 1
-        ):
-            raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of!r} must be an integer >= 1")
-        mult = math.lcm(pad_to_multiple_of, div)
-        amount = -seq_len % mult
         if amount:
             for k, v in seq.items():
                 if k == "position_ids":
@@ -252,6 +290,8 @@ def shard_batch(
 
     for k, v in seq.items():
         out[k] = shard(v, sp_size, sp_rank, layout, dim=1, ulysses_size=ulysses_size)
+    if DOC_IDS_KEY in out:
+        out[DOC_IDS_KEY] = out[DOC_IDS_KEY] - 1
     if "shift_labels" in out:
         out["labels"] = out["shift_labels"]
     return out

@@ -327,7 +327,7 @@ def ring_attention(
         if comm not in COMMS:
             raise ValueError(f"comm={comm!r} is not one of {COMMS}")
         n = q.shape[1]
-        if layout == "zigzag" and n % 2:
+        if layout == "zigzag" and p > 1 and n % 2:
             raise ValueError(f"layout='zigzag' needs an even seq_local, got {n}: pad the "
                              f"sequence to a multiple of 2 * sp_size ({2 * p})")
         if doc_ids is not None and tuple(doc_ids.shape) != tuple(q.shape[:2]):

@@ -72,7 +72,7 @@ def test_from_dict_round_trip_and_unknown_keys():
 
 
 def test_seq_len_divisor():
-    assert SeqParConfig(sp_size=1).seq_len_divisor == 2
+    assert SeqParConfig(sp_size=1).seq_len_divisor == 1  # one rank: the layout is the identity
     assert SeqParConfig(sp_size=4, layout="contiguous").seq_len_divisor == 4
     assert SeqParConfig(sp_size=4, layout="zigzag").seq_len_divisor == 8
     dilated = dict(attention="dilated", segment_lengths=[8, 12, 16], dilation_rates=[1, 3, 4])

@@ -16,7 +16,7 @@ LAYOUTS = ("contiguous", "zigzag")
 def test_shard_unshard_identity(layout):
     for p in range(1, 5):
         div = L.seq_len_divisor(p, layout)
-        assert div == (2 * p if layout == "zigzag" else p)
+        assert div == (2 * p if layout == "zigzag" and p > 1 else p)  # p = 1: in order
         for bsz in (1, 3):
             for seq_len in (div, 3 * div):
                 x = torch.randn(bsz, seq_len, 2, 5)
@@ -36,7 +36,7 @@ def test_shard_unshard_identity(layout):
 
 
 def test_zigzag_places_chunk_r_and_mirror():
-    for p in range(1, 5):
+    for p in range(2, 5):  # p = 1 holds the row in order: one range (test below)
         seq_len = 2 * p * 3
         x = torch.arange(seq_len).view(1, seq_len)
         chunks = x.view(2 * p, 3)
@@ -138,3 +138,12 @@ def _gather_body(rank, world):
 
 def test_gather():
     assert run_distributed(_gather_body, 2, timeout=120) == [True, True]
+
+
+def test_one_rank_holds_the_row_in_order_whatever_the_layout():
+    for layout in LAYOUTS:
+        assert L.seq_len_divisor(1, layout) == 1
+        assert L.chunk_ranges(7, 1, 0, layout) == [(0, 7)]
+        x = torch.arange(7).view(1, 7)
+        assert torch.equal(L.shard(x, 1, 0, layout), x)
+        assert torch.equal(L.unshard([x], layout), x)
