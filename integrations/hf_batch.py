@@ -27,7 +27,8 @@ import torch
 
 from seqpar_ring.layout import DOC_IDS_KEY, doc_ids_from_positions, gather, shard
 
-__all__ = ["AGREED_KEY", "DOC_IDS_KEY", "batch_doc_ids", "check_doc_ids", "check_mask"]
+__all__ = ["AGREED_KEY", "DOC_IDS_KEY", "batch_doc_ids", "check_doc_ids", "check_flash_kwargs",
+           "check_mask"]
 
 AGREED_KEY = "sp_agreed"  # model kwarg: the SP ranks agreed on this forward's batch (hf_hooks)
 FLASH_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx")
@@ -59,6 +60,16 @@ def check_doc_ids(doc_ids, shape: tuple[int, ...]) -> None:
                          f"{tuple(doc_ids.shape)}")
 
 
+def check_flash_kwargs(get: Callable, sp_size: int) -> None:
+    """cu_seq_lens_q/k and seq_idx are taken at sp_size 1 only."""
+    if sp_size > 1 and any(get(k) is not None for k in FLASH_KEYS):
+        raise ValueError(
+            "cu_seq_lens_q/k and seq_idx describe the whole flattened row, not this rank's "
+            "shard: under sequence parallelism drop them and shard the flattened batch with "
+            "SPDataCollator / shard_batch (its position_ids, restarting at 0 per document, "
+            "give the documents)")
+
+
 def _from_flash_kwargs(get: Callable, batch: int, seq: int, device) -> torch.Tensor:
     cu_q, cu_k, seq_idx = (get(k) for k in FLASH_KEYS)
     if cu_q is not None or cu_k is not None:
@@ -88,6 +99,7 @@ def batch_doc_ids(get: Callable, batch: int, seq_local: int, device, *, group, s
     ``device`` or None (plain rows). Collective over ``group`` (sp_size > 1, source 3 only):
     every SP rank calls it at the same point of the same forward.
     """
+    check_flash_kwargs(get, sp_size)
     given = get(DOC_IDS_KEY)
     if given is not None:
         check_doc_ids(given, (batch, seq_local))
@@ -95,12 +107,6 @@ def batch_doc_ids(get: Callable, batch: int, seq_local: int, device, *, group, s
     mask, pos = get("attention_mask"), get("position_ids")
     check_mask(mask)
     if any(get(k) is not None for k in FLASH_KEYS):
-        if sp_size > 1:
-            raise ValueError(
-                "cu_seq_lens_q/k and seq_idx describe the whole flattened row, not this rank's "
-                "shard: under sequence parallelism drop them and shard the flattened batch with "
-                "SPDataCollator / shard_batch (its position_ids, restarting at 0 per document, "
-                "give the documents)")
         doc = _from_flash_kwargs(get, batch, seq_local, device)
         return doc if mask is None else doc.masked_fill(mask.to(device) == 0, -1)
     if pos is None:

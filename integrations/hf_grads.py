@@ -14,7 +14,8 @@ group (and the MEAN over data-parallel replicas). Who adds them up depends on th
 was formed from it) marks the step's gradients as pending, the sum (either of the last two)
 clears the mark, and every ``torch.optim`` optimizer step over the model's parameters checks
 the mark first: a step on gradients that were never summed raises on every rank instead of
-training silently wrong (the ranks' weights would drift apart). Under DeepSpeed the model is marked as reduced by DeepSpeed and not checked here.
+training silently wrong (the ranks' weights would drift apart). Under DeepSpeed the model is
+marked as reduced by DeepSpeed and not checked here.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from seqpar_ring.agreement import agree, collect_error, fingerprint
 from seqpar_ring.config import LAYOUTS
 
 from .hf_attention import ATTN_NAME, LAYOUT_KEY, SPState, state_of
-from .hf_batch import AGREED_KEY, DOC_IDS_KEY, check_doc_ids, check_mask
+from .hf_batch import AGREED_KEY, DOC_IDS_KEY, check_doc_ids, check_flash_kwargs, check_mask
 
 __all__ = ["install", "layout_tag"]
 
@@ -58,16 +58,20 @@ def _dtypes(module: nn.Module, docs) -> tuple:
             str(docs.dtype) if isinstance(docs, torch.Tensor) else None)
 
 
+def _cache(get):
+    """The KV cache the caller passed (generate does; a training forward passes none)."""
+    return get("cache") if get("cache") is not None else get("past_key_values")
+
+
 def _decoding(get) -> bool:
     """Does this forward continue a cache (generate's decoding steps)?"""
-    cache = get("cache") if get("cache") is not None else get("past_key_values")
-    length = getattr(cache, "get_seq_length", None)
+    length = getattr(_cache(get), "get_seq_length", None)
     return bool(length is not None and length() > 0)
 
 
 def _outer_pre_forward(module: nn.Module, args: tuple, kwargs: dict):
     # The causal-LM wrapper sees the labels; its decoder (hooked below) agrees on them.
-    labels = kwargs.get("labels", kwargs.get("shift_labels"))
+    labels = kwargs.get("labels")  # HF computes a loss (a collective under SP) only with it
     if labels is None and args:
         bound = inspect.signature(module.forward).bind_partial(*args).arguments
         labels = bound.get("labels")
@@ -108,9 +112,10 @@ def _local_checks(state: SPState, module: nn.Module, get, ids, decoding: bool) -
     cfg = state.config
     pos, tag = get("position_ids"), get(LAYOUT_KEY)
     check_mask(get("attention_mask"))
+    check_flash_kwargs(get, state.sp_size)
     if get(DOC_IDS_KEY) is not None and ids is not None:
         check_doc_ids(get(DOC_IDS_KEY), tuple(ids.shape[:2]))
-    if decoding and state.sp_size > 1:
+    if state.sp_size > 1 and _cache(get) is not None:
         raise ValueError(
             "cached decoding (generate / past_key_values) is not supported under sequence "
             "parallelism — each rank's cache would hold only its shard. Generate with the model "

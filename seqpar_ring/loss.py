@@ -25,7 +25,8 @@ class _SPCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, labels: Tensor, group, ignore_index: int) -> Tensor:
-        x = logits.reshape(-1, logits.shape[-1]).float()  # fp32 whatever the logits dtype
+        # fp32 for half-precision logits, fp64 kept (reference runs stay exact)
+        x = logits.reshape(-1, logits.shape[-1]).to(_compute_dtype(logits))
         y = labels.reshape(-1)
         valid = y != ignore_index
         safe_y = torch.where(valid, y, torch.zeros_like(y))  # ignored tokens index class 0
@@ -38,17 +39,21 @@ class _SPCrossEntropy(torch.autograd.Function):
             dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
         count = stats[1].clamp(min=1.0)  # no valid label anywhere: loss 0, gradient 0
         ctx.save_for_backward(logits, safe_y, valid, lse, count)
-        return (stats[0] / count).float()
+        return (stats[0] / count).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         logits, safe_y, valid, lse, count = ctx.saved_tensors
-        x = logits.reshape(-1, logits.shape[-1]).float()
+        x = logits.reshape(-1, logits.shape[-1]).to(_compute_dtype(logits))
         grad = torch.exp(x - lse.unsqueeze(1))  # softmax, recomputed to save memory
         grad.scatter_add_(1, safe_y.unsqueeze(1), torch.full_like(lse, -1.0).unsqueeze(1))
-        scale = (grad_out.double() / count).float()
+        scale = (grad_out.double() / count).to(x.dtype)
         grad.mul_(valid.unsqueeze(1).to(grad.dtype) * scale)
         return grad.view(logits.shape).to(logits.dtype), None, None, None
+
+
+def _compute_dtype(logits: Tensor) -> torch.dtype:
+    return torch.promote_types(logits.dtype, torch.float32)
 
 
 def sp_cross_entropy(
@@ -60,7 +65,8 @@ def sp_cross_entropy(
     """Mean cross entropy over every valid label of the SP group (same value on every rank).
 
     Args:
-        logits: ``(batch, seq_local, vocab)``, any float dtype (computed in fp32).
+        logits: ``(batch, seq_local, vocab)``, any float dtype (computed in fp32; fp64 logits
+            in fp64).
         shift_labels: ``(batch, seq_local)`` already shifted over the whole row before sharding
             (`seqpar_ring.layout.shard_batch`); ``ignore_index`` marks tokens without a label.
         group: the SP group; None or size 1 = this rank's tokens only.
