@@ -76,10 +76,13 @@ def test_patched_decoder_layer_compiles_fullgraph():
     hidden = torch.randn(1, 16, 32, requires_grad=True)
     pos = torch.arange(16)[None]
     pe = model.model.rotary_emb(hidden, pos)
-    model.model(input_ids=torch.ones(1, 16, dtype=torch.long), position_ids=pos)  # hook: agree
+    # What the decoder's hook adds to every layer call of a forward (the ranks agreed; plain rows)
+    from seqpar_ring.integrations.hf_batch import AGREED_KEY, DOC_IDS_KEY
+
+    hooked = {DOC_IDS_KEY: None, AGREED_KEY: True}
 
     def run(h):
-        out = layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe)
+        out = layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe, **hooked)
         return out[0] if isinstance(out, tuple) else out
 
     eager = run(hidden)
