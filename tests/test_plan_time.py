@@ -204,3 +204,20 @@ def test_help_documents_time_options(capsys):
     for flag in ("--calibrate", "--calib", "--validate", "--best", "--billion", "--window",
                  "--inter-gbps", "--nodes", "step time"):
         assert flag in out
+
+
+def test_readme_worked_example_matches_the_planner():
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    readme = open(os.path.join(root, "README.md")).read()
+    doc = open(os.path.join(root, "docs", "planner.md")).read()
+    m, c = P.PRESETS["llama-8b"], load_calibration()
+    for gpus in (8, 64):
+        best, _, _ = P.best_layouts(m, 2**20, P.PlanOptions(gpus=gpus), c, P.Links(), 141.0,
+                                    128.0)
+        figure = f"{best[0].time.tokens_per_s:,.0f}"
+        assert f"| {figure} |" in readme and figure in doc
+    x = P.fewest_gpus(m, 2**30, P.PlanOptions(), c, P.Links(), 141.0, 128.0)
+    assert f"need {x.options.gpus:,} H200s" in readme
+    assert f"{x.time.seconds:,.0f} s" in doc

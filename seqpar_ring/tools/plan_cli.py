@@ -34,7 +34,7 @@ from dataclasses import replace
 from .plan_calib import load_calibration, save_calibration
 from .plan_memory import estimate, format_plan, max_seq_len, reach, reach_table
 from .plan_model import (DTYPE_BYTES, FALLBACK_GPU_MEM_GIB, GIB, PRESETS, PlanOptions,
-                         gpu_memory_gib, load_spec)
+                         dilated_schedule, gpu_memory_gib, load_spec)
 from .plan_search import best_layouts, fewest_gpus, format_best, format_reach
 from .plan_time import Links, StepTime, step_time
 from .plan_ulysses import Hardware, choose_ulysses_size, format_choice
@@ -161,8 +161,12 @@ def main(argv: list[str] | None = None) -> None:
               f"host per GPU, {a.inter_gbps:g} GB/s per GPU across nodes; fewest GPUs:")
         base = replace(o, attention="ring", dilation_rates=(), layout="zigzag")
         rates = tuple(a.dilation_rates)
-        dil = replace(o, attention="dilated", dilation_rates=rates, layout="contiguous")
-        for mode, x in (("dense", base), (f"dilated (r = {','.join(map(str, rates))})", dil)):
+        dil = replace(o, attention="dilated", dilation_rates=rates, layout="contiguous",
+                      segment_lengths=tuple(a.segments or ()))
+        ws, rs = dilated_schedule(dil, BILLION)
+        sched = (f"dilated (w = {', '.join(f'{w:,}' for w in ws)}; r = "
+                 f"{', '.join(map(str, rs))})")
+        for mode, x in (("dense", base), (sched, dil)):
             best = fewest_gpus(m, BILLION, x, calib, links, mem, a.host_mem_gib)
             print(format_reach(best, BILLION, mode, a.gpus_per_node))
         return

@@ -124,6 +124,12 @@ def format_best(best, losers, skipped, seq_len: int, gpus: int, nodes: int) -> s
         rows.append(f"  {i}. {x.label}: {x.time.tokens_per_s:,.0f} tokens/s, "
                     f"{x.time.seconds:,.2f} s per step, {x.plan.peak_gib:.1f} GiB per GPU, "
                     f"host {x.plan.host_gib:.1f} GiB")
+    if best:
+        close = [i for i, x in enumerate(best[1:], 2)
+                 if x.time.tokens_per_s >= 0.85 * best[0].time.tokens_per_s]
+        if close:
+            rows.append(f"  (#{', #'.join(map(str, close))} within 15% of #1: equal within the "
+                        "model's error against measurements; choose by memory or simplicity)")
     if losers:
         rows.append("  why the others lose (best variant of each SP x Ulysses split):")
         rows += [f"    {x.label}: {why}" for x, why in losers]
