@@ -221,3 +221,18 @@ def test_readme_worked_example_matches_the_planner():
     x = P.fewest_gpus(m, 2**30, P.PlanOptions(), c, P.Links(), 141.0, 128.0)
     assert f"need {x.options.gpus:,} H200s" in readme
     assert f"{x.time.seconds:,.0f} s" in doc
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_calibrate_on_a_gpu(tmp_path):
+    """The full measurement (about a minute on an H200): sane ranges, and a file that loads."""
+    from seqpar_ring.tools.plan_calibrate import calibrate
+
+    c = calibrate()
+    P.save_calibration(c, str(tmp_path / "gpu.json"))
+    assert P.load_calibration(str(tmp_path / "gpu.json")) == c
+    assert c.matmul_tflops > 50 and c.copy_tbps > 0.5 and c.host_gbps > 2
+    assert c.attention(128, 65536) > 50 and c.attention(64, 65536) > 20
+    assert 0.05 < c.dilated_efficiency < 2
+    print(c.to_json())

@@ -15,7 +15,14 @@ One public namespace for the modules it is made of (``python -m seqpar_ring.plan
 from seqpar_ring.tiled import default_tile_size  # noqa: F401 - used through this namespace
 
 from .plan_calib import Calibration, load_calibration, save_calibration  # noqa: F401
-from .plan_cli import build_parser, format_time, main, options_from_args  # noqa: F401
+from .plan_cli import (  # noqa: F401
+    build_parser,
+    format_plan,
+    format_time,
+    main,
+    options_from_args,
+    reach_table,
+)
 from .plan_memory import (  # noqa: F401
     Plan,
     _attention_backward,
@@ -26,10 +33,8 @@ from .plan_memory import (  # noqa: F401
     _tiled_mlp_work,
     attention_check_bytes,
     estimate,
-    format_plan,
     max_seq_len,
     reach,
-    reach_table,
 )
 from .plan_model import (  # noqa: F401
     DTYPE_BYTES,

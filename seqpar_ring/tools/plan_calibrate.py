@@ -129,7 +129,11 @@ def measure_peers(mibs) -> tuple[float, float, float]:
     for mib in mibs:
         x = torch.empty(mib * 2**20, dtype=torch.uint8, device=d0)
         y = torch.empty_like(x, device=d1)
-        secs.append(_median_s(lambda: y.copy_(x), d0))
+
+        def copy():
+            y.copy_(x)
+            torch.cuda.synchronize(d1)  # the copy may run on either device's stream
+        secs.append(_median_s(copy, d0))
     (n0, s0), (n1, s1) = [(mib * 2**20, s) for mib, s in zip(mibs, secs)]
     gbps = (n1 - n0) / max(s1 - s0, 1e-9) / 1e9
     latency = max(0.0, s0 - n0 / (gbps * 1e9))

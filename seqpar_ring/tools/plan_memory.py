@@ -300,38 +300,3 @@ def attention_check_bytes(m: ModelSpec, seq_len: int, o: PlanOptions) -> float:
     d, hq, hkv = m.d, m.heads, m.kv_heads
     dense = replace(o, attention="ring")
     return t * (hq * d * b + hq * 4 + _attention_backward(m, b, dense) + (hq + 2 * hkv) * d * b)
-
-
-def format_plan(pl: Plan, gpu_mem_gib: float | None = None,
-                host_mem_gib: float | None = None) -> str:
-    rows = [f"seq_len {pl.seq_len:,}  tokens/GPU {pl.tokens_per_gpu:,}  peak phase: {pl.phase}",
-            f"{'component':<22} {'GiB':>9}  why"]
-    rows += [f"{n:<22} {v / GIB:>9.2f}  {why}" for n, v, why in pl.components]
-    rows.append(f"{'peak (per GPU)':<22} {pl.peak_gib:>9.2f}" +
-                (f"  of {gpu_mem_gib:.4g} GiB" if gpu_mem_gib else ""))
-    rows += [f"{'host: ' + n:<22} {v / GIB:>9.2f}  {why}" for n, v, why in pl.host_components]
-    rows.append(f"{'host (per rank)':<22} {pl.host_gib:>9.2f}" +
-                (f"  of {host_mem_gib:g} GiB" if host_mem_gib else ""))
-    return "\n".join(rows)
-
-
-def reach_table(m: ModelSpec, o: PlanOptions, gpu_mem_gib: float, host_mem_gib: float,
-                rates: tuple[int, ...]) -> str:
-    """Longest sequence, dense and dilated, for each combination of the reach options."""
-    dense = replace(o, attention="ring", dilation_rates=(),
-                    layout="zigzag" if o.attention == "dilated" else o.layout)
-    dil = replace(o, attention="dilated", dilation_rates=rates, layout="contiguous")
-    rows = [f"longest sequence (limit), {gpu_mem_gib:g} GiB per GPU, {host_mem_gib:g} GiB host "
-            f"per rank, {o.gpus} GPUs:",
-            f"  {'options':<28} {'dense (ring, ' + dense.layout + ')':<30} "
-            f"dilated (r = {','.join(map(str, rates))})"]
-    for name, off, tiled in (("checkpointing", False, False), ("+ tiled MLP", False, True),
-                             ("+ activation offload", True, False),
-                             ("+ offload + tiled MLP", True, True)):
-        cells = []
-        for base in (dense, dil):
-            seq, lim = reach(m, replace(base, activation_offload=off, tiled_mlp=tiled),
-                             gpu_mem_gib, host_mem_gib)
-            cells.append(f"{seq:>13,} ({lim})")
-        rows.append(f"  {name:<28} {cells[0]:<30} {cells[1]}")
-    return "\n".join(rows)
