@@ -226,7 +226,7 @@ def test_readme_worked_example_matches_the_planner():
 @pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
 def test_calibrate_on_a_gpu(tmp_path):
-    """The full measurement (about a minute on an H200): sane ranges, and a file that loads."""
+    """The full measurement (the GPU path, not yet run): sane ranges, and a file that loads."""
     from seqpar_ring.tools.plan_calibrate import calibrate
 
     c = calibrate()

@@ -13,7 +13,7 @@ on the CPU (fp32; the CPU figures make a valid file, used by the tests):
   device and back; the slower direction);
 * with two or more GPUs: peer copies from device 0 to 1 at 64 MiB and 1 GiB (a latency and a
   bandwidth), and every device sending to every other at once (all-to-all, per GPU). These
-  are copy-engine transfers, not NCCL; NCCL over the same NVLink measured within 10-35%.
+  are copy-engine transfers, not NCCL collectives (the ring and ZeRO use NCCL).
 
 Values it cannot measure in one process (the ring's per-hop cost, ZeRO-3's per-layer cost, CPU
 Adam) are kept from the shipped H200 calibration and say so in ``sources``.
