@@ -1,38 +1,55 @@
-"""Memory planner: per-GPU bytes of one training step, term by term, and the longest sequence.
+"""The planner: memory, step time, best layouts, calibration and validation.
 
-A model of OUR code path (HF Llama-architecture decoder, ring or dilated attention, DeepSpeed
-ZeRO, HF gradient checkpointing per decoder layer, ``seqpar_ring.tiled`` loss), not a general
-formula. Every term is linear in the tokens a GPU holds, ``T = micro_batch * seq_len / sp``:
-nothing is quadratic in the sequence, which is the point of the ring. Each component carries
-the reason it exists; the peak is the largest of the training-step phases (see ``estimate``):
-MLP backward, attention backward, loss, optimizer step. Checked against measured peaks on
-2 x H200 (README, "Measured").
+One public namespace for the modules it is made of (``python -m seqpar_ring.plan --help``):
 
-    python -m seqpar_ring.plan --model llama-1.1b --seq-len 1048576 --gpus 2 --gpu-mem-gib 141
-
-``--model`` takes a preset name (``PRESETS``) or a path to an HF ``config.json``. Without
-``--gpu-mem-gib`` the memory of CUDA device 0 is used when there is one, else 80 GiB; the
-output says which and why. ``ulysses_size="auto"`` is chosen by the cost model of
-`seqpar_ring.tools.plan_ulysses` (`resolve_ulysses_size`); with ``--seq-len`` the CLI prints
-that choice and its table.
-
-Reach options (``--offload``: activation-checkpoint offload, ``--tiled-mlp``) change the GPU
-terms and add host memory per rank (``--host-mem-gib``); the planner then says which of the two
-limits the length. Without ``--seq-len`` it prints the longest sequence, dense and dilated,
-for every combination of the two options.
+* `plan_model`: a decoder's shapes (``ModelSpec``, ``PRESETS``, ``load_spec``), ``PlanOptions``;
+* `plan_memory`: per-GPU (and host) bytes of one training step, the longest sequence;
+* `plan_time`: seconds of one step and tokens/s, term by term (``step_time``, ``Links``);
+* `plan_calib` / `plan_calibrate`: the measured figures the time model reads, and measuring them;
+* `plan_validate`: the time model against every point measured on GPUs (``data/measured.json``);
+* `plan_search`: the best layouts for a run and the fewest GPUs for a length;
+* `plan_ulysses`: the ``ulysses_size="auto"`` rule;
+* `plan_cli`: the command line.
 """
 
-from __future__ import annotations
+from seqpar_ring.tiled import default_tile_size  # noqa: F401 - used through this namespace
 
-import argparse
-import json
-import math
-import os
-from dataclasses import dataclass, field, replace
-
-from seqpar_ring.tiled import default_tile_size
-from seqpar_ring.tiled_mlp import default_mlp_tile
-
+from .plan_calib import Calibration, load_calibration, save_calibration  # noqa: F401
+from .plan_cli import (  # noqa: F401
+    build_parser,
+    format_plan,
+    format_time,
+    main,
+    options_from_args,
+    reach_table,
+)
+from .plan_memory import (  # noqa: F401
+    Plan,
+    _attention_backward,
+    _attn_saved,
+    _dilated_backward,
+    _layer_saved,
+    _mlp_saved,
+    _tiled_mlp_work,
+    attention_check_bytes,
+    estimate,
+    max_seq_len,
+    reach,
+)
+from .plan_model import (  # noqa: F401
+    DTYPE_BYTES,
+    FALLBACK_GPU_MEM_GIB,
+    GIB,
+    PRESETS,
+    ModelSpec,
+    PlanOptions,
+    dilated_schedule,
+    gpu_memory_gib,
+    load_spec,
+    seq_divisor,
+)
+from .plan_search import best_layouts, fewest_gpus  # noqa: F401
+from .plan_time import Links, StepTime, attention_pairs, step_time  # noqa: F401
 from .plan_ulysses import (  # noqa: F401 - the planner's public names
     Hardware,
     choose_ulysses_size,
@@ -40,519 +57,6 @@ from .plan_ulysses import (  # noqa: F401 - the planner's public names
     resolve_ulysses_size,
     ulysses_cost,
 )
-
-GIB = 2**30
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-FALLBACK_GPU_MEM_GIB = 80.0  # without --gpu-mem-gib and without a CUDA device (A100/H100 80 GB)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Shapes of a Llama-architecture decoder (what the memory terms need)."""
-
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    vocab: int
-    head_dim: int | None = None
-    tied: bool = False
-
-    @property
-    def d(self) -> int:
-        return self.head_dim or self.hidden // self.heads
-
-    def layer_params(self) -> int:
-        attn = self.hidden * self.d * (2 * self.heads + 2 * self.kv_heads)  # q, o + k, v
-        return attn + 3 * self.hidden * self.intermediate + 2 * self.hidden  # MLP + 2 norms
-
-    def params(self) -> int:
-        emb = self.vocab * self.hidden * (1 if self.tied else 2)
-        return emb + self.layers * self.layer_params() + self.hidden  # + final norm
-
-
-PRESETS = {
-    "tiny": ModelSpec(64, 2, 4, 2, 128, 256),
-    "llama-1.1b": ModelSpec(2048, 22, 32, 4, 5632, 32000),   # TinyLlama shape (bench default)
-    "llama-7b": ModelSpec(4096, 32, 32, 32, 11008, 32000),   # Llama-2-7B
-    "llama-8b": ModelSpec(4096, 32, 32, 8, 14336, 128256),   # Llama-3-8B
-    "llama-70b": ModelSpec(8192, 80, 64, 8, 28672, 128256),  # Llama-3-70B
-}
-
-
-def load_spec(model: str) -> ModelSpec:
-    """A preset name or the path of an HF config.json (Llama-like keys)."""
-    if model in PRESETS:
-        return PRESETS[model]
-    if not os.path.isfile(model):
-        raise ValueError(f"--model {model!r} is neither a preset {sorted(PRESETS)} nor a file; "
-                         "pass a preset name or the path of a config.json")
-    with open(model) as f:
-        c = json.load(f)
-    c = c.get("text_config", c)
-    try:
-        return ModelSpec(c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"],
-                         c.get("num_key_value_heads") or c["num_attention_heads"],
-                         c["intermediate_size"], c["vocab_size"], c.get("head_dim"),
-                         bool(c.get("tie_word_embeddings", False)))
-    except KeyError as err:
-        raise ValueError(f"{model}: config lacks {err}; expected a Llama-like config.json")
-
-
-@dataclass(frozen=True)
-class PlanOptions:
-    gpus: int = 1
-    sp: int | None = None            # None = gpus (all ranks in one SP group)
-    zero: int = 3
-    dtype: str = "bf16"
-    checkpointing: bool = True
-    tiled_loss: bool = True
-    loss_tile: int | None = None     # None = seqpar_ring.tiled.default_tile_size(vocab)
-    micro_batch: int = 1
-    layout: str = "zigzag"
-    attention: str = "ring"          # "ring" or "dilated" (then dilation_rates matter)
-    dilation_rates: tuple[int, ...] = ()
-    gqa_expand: bool = True          # fused GPU kernels expand K/V to all heads in backward
-    ulysses_size: int = 1            # Ulysses x ring: all-to-all buffers, K/V replication
-    offload_optimizer: bool = False
-    reduce_bucket: float = 5e8       # DeepSpeed defaults (elements)
-    prefetch_bucket: float = 5e7
-    sub_group: float = 1e9
-    reserve_gib: float = 1.0         # CUDA context, NCCL, allocator slack: not in max_allocated
-    activation_offload: bool = False  # checkpointed layer inputs in pinned host memory
-    tiled_mlp: bool = False          # decoder MLPs over sequence tiles (seqpar_ring.tiled_mlp)
-    mlp_tile: int | None = None      # None = seqpar_ring.tiled_mlp.default_mlp_tile(intermediate)
-    host_reserve_gib: float = 8.0    # host allowance for the process itself (CUDA runtime,
-    #                                  libraries, Python): an assumption, not a measurement
-
-    @property
-    def sp_size(self) -> int:
-        return self.sp or self.gpus
-
-
-@dataclass
-class Plan:
-    seq_len: int
-    tokens_per_gpu: int
-    components: list[tuple[str, float, str]] = field(default_factory=list)  # (name, bytes, why)
-    peak_bytes: float = 0.0
-    phase: str = ""
-    host_components: list[tuple[str, float, str]] = field(default_factory=list)  # per rank
-
-    def gib(self, name: str) -> float:
-        return sum(b for n, b, _ in self.components if n == name) / GIB
-
-    def host_gib_of(self, name: str) -> float:
-        return sum(b for n, b, _ in self.host_components if n == name) / GIB
-
-    @property
-    def peak_gib(self) -> float:
-        return self.peak_bytes / GIB
-
-    @property
-    def host_bytes(self) -> float:
-        return sum(b for _, b, _ in self.host_components)
-
-    @property
-    def host_gib(self) -> float:
-        return self.host_bytes / GIB
-
-
-def _attn_saved(m: ModelSpec, b: int) -> float:
-    """Bytes per token the attention half of a decoder layer saves for backward (HF Llama code).
-
-    RoPE multiplies q and k by cos/sin, which are shared by all layers: autograd keeps cos/sin,
-    not per-token copies, so RoPE adds nothing here.
-    """
-    norm = m.hidden * (4 + b) + 4                 # RMSNorm: fp32 input, rstd, cast output
-    qkv = (m.heads + 2 * m.kv_heads) * m.d * b    # rotated q, k and v, saved by the attention
-    attn = m.heads * m.d * b + m.heads * 4        # attention out (dtype) and lse (fp32)
-    o_in = m.hidden * b                           # (B,S,H,D)->(B,S,h) contiguous o_proj input
-    return norm + qkv + attn + o_in
-
-
-def _mlp_saved(m: ModelSpec, b: int, tiled: bool = False) -> float:
-    """Bytes per token the MLP half saves: its RMSNorm and gate, up, silu(gate), silu*up.
-
-    Tiled (``seqpar_ring.tiled_mlp``): the RMSNorm and the MLP's input only.
-    """
-    return m.hidden * (4 + b) + 4 + (m.hidden * b if tiled else 4 * m.intermediate * b)
-
-
-def _layer_saved(m: ModelSpec, b: int, tiled: bool = False) -> float:
-    """Bytes per token one decoder layer saves for backward (HF Llama code, autograd)."""
-    return _attn_saved(m, b) + _mlp_saved(m, b, tiled)
-
-
-def _tiled_mlp_work(m: ModelSpec, b: int, tile: int) -> float:
-    """Bytes (not per token) of the tiled MLP's backward besides the full-length gradients.
-
-    One tile's recomputed gate, up, act(gate) and the gradients through them (6 x tile x
-    intermediate), the tile's input and output gradient slices, and the weight gradients:
-    fp32 sums over tiles plus one tile's product in the model dtype (3 x hidden x intermediate).
-    """
-    return tile * (6 * m.intermediate * b + 2 * m.hidden * b) + 3 * m.hidden * m.intermediate * (
-        4 + b)
-
-
-def _attention_backward(m: ModelSpec, b: int, o: PlanOptions) -> float:
-    """Bytes per token of ring_backward's working set (seqpar_ring/ring.py)."""
-    d, hq, u = m.d, m.heads, o.ulysses_size
-    hkv = math.lcm(m.kv_heads, u)               # K/V replicated to lcm(Hkv, u) heads (ulysses)
-    # Ulysses x ring: the ring runs on S/r tokens x H/u heads = the same elements per GPU; the
-    # all-to-all adds a send and a receive buffer of q, k, v (and of the gradients) per token
-    a2a = 2 * (hq + 2 * hkv) * d * b if u > 1 else 0
-    acc = hq * d * 4 + hq * 4 + a2a             # fp32 dq accumulator + delta = rowsum(dout*out)
-    dkv = 2 * 2 * hkv * d * 4                   # fp32 dK/dV partial sums: one in flight, one recv
-    ring = 2 * 2 * hkv * d * b                  # K/V receive buffers (2 slots: double buffering)
-    # per-block kernel outputs dq, dk, dv at q-head count (+ K/V expanded for GQA); zigzag
-    # splits a rank's tokens in two chunks, so a block call covers half of them
-    blk = (3 + (2 if o.gqa_expand and hq != hkv else 0)) * hq * d * b
-    return acc + dkv + ring + blk * (0.5 if o.layout == "zigzag" else 1.0)
-
-
-def _dilated_backward(m: ModelSpec, b: int, o: PlanOptions) -> float:
-    """Bytes per token of DilatedAttentionFunction.backward (seqpar_ring/dilated.py).
-
-    Two moments compete. (1) The r = 1 branch's backward: its kernel gradients (expanded to all
-    query heads for GQA, then folded in fp32), the kernel's fp32 dq workspace and the expanded
-    K/V. (2) A branch of rate r later: the base gradients held, the fp32 sums over 1/c of the
-    rows (c = gcd of the other rates), that branch's gathered rows (dout, q, out, k, v) and
-    its own kernel gradients and workspace, all 1/r of a dense tensor.
-    """
-    d, hq, hkv = m.d, m.heads, m.kv_heads
-    expand = o.gqa_expand and hq != hkv
-    rates = o.dilation_rates or (1,)
-    rest = [r for r in rates if r != 1]
-    grads = hq * d * b + 2 * (hq * d * b + hkv * d * 4 if expand else hkv * d * b)
-    kernel = hq * d * 4 + (2 * hq * d * b if expand else 0)  # fp32 dq workspace, expanded K/V
-    peak = grads + kernel if 1 in rates else 0.0
-    if rest:
-        held = hq * d * b + 2 * hkv * d * (4 if expand else b) if 1 in rates else 0.0
-        sums = (hq + 2 * hkv) * d * 4 / math.gcd(*rest)
-        rows = (3 * hq + 2 * hkv) * d * b
-        peak = max(peak, held + sums + (rows + grads + kernel) / min(rest))
-    return peak
-
-
-def estimate(m: ModelSpec, seq_len: int, o: PlanOptions) -> Plan:
-    """Per-GPU memory of one step at ``seq_len`` total tokens per sample.
-
-    Peak = static + max(layer-backward phase, loss phase) during the step's forward/backward,
-    or static + the optimizer-step transient, whichever is larger.
-    """
-    if seq_len % o.sp_size:
-        raise ValueError(f"seq_len {seq_len} is not a multiple of sp={o.sp_size}")
-    if o.dtype not in DTYPE_BYTES:
-        raise ValueError(f"dtype {o.dtype!r} is not one of {sorted(DTYPE_BYTES)}")
-    b, n, world = DTYPE_BYTES[o.dtype], m.params(), o.gpus
-    t = o.micro_batch * seq_len // o.sp_size
-    pl = Plan(seq_len, t)
-
-    def add(name, nbytes, why):
-        pl.components.append((name, float(nbytes), why))
-        return float(nbytes)
-
-    # ZeRO partitions over every replica of the params: SP ranks hold the same params as DP ranks
-    static = add("weights", n * b / (world if o.zero >= 3 else 1),
-                 f"{n / 1e9:.2f}B params x {b} B" + (" / gpus (ZeRO-3)" if o.zero >= 3 else ""))
-    static += add("grads", n * b / (world if o.zero >= 2 else 1),
-                  f"{b} B/param" + (" / gpus (ZeRO-2/3)" if o.zero >= 2 else ""))
-    opt_b = 8 + (4 if b < 4 else 0)
-    static += add("optimizer", 0 if o.offload_optimizer else
-                  n * opt_b / (world if o.zero >= 1 else 1),
-                  "offloaded to CPU" if o.offload_optimizer else
-                  f"Adam m, v (+ fp32 master) = {opt_b} B/param" + (" / gpus" if o.zero else ""))
-    if o.zero >= 3:
-        live = max(m.layer_params(), m.vocab * m.hidden) + o.prefetch_bucket
-        static += add("zero3 gathered params", live * b,
-                      "largest module gathered for compute + prefetch bucket")
-    static += add("comm buckets", o.reduce_bucket * b, "gradient reduce (all-reduce) bucket")
-
-    tiled = o.tiled_mlp
-    if o.activation_offload and not o.checkpointing:
-        raise ValueError("activation_offload moves the layer inputs that checkpointing keeps: "
-                         "it needs checkpointing=True")
-    final = 0.0  # final RMSNorm, counted apart (loss phase only) under activation offload
-    if o.activation_offload:
-        ckpt = add("checkpoints", t * m.hidden * b,
-                   "one layer input on the GPU: the next one down, prefetched from host "
-                   "memory during backward (activation offload)")
-        ckpt += add("rope", t * 2 * m.d * b, "cos/sin shared by layers")
-        # Freed by the final norm's backward, before the first layer's: live at the loss
-        # only. (Without offload the term stays in the sum, as calibrated on measured peaks.)
-        final = t * m.hidden * (2 * b + 4)
-    else:
-        per_layer = m.hidden * b if o.checkpointing else _layer_saved(m, b, tiled)
-        ckpt = add("checkpoints", m.layers * t * per_layer,
-                   "each decoder layer's input (HF gradient checkpointing)" if o.checkpointing
-                   else "every layer's saved activations (no checkpointing)")
-        ckpt += add("rope + final norm", t * (2 * m.d * b + m.hidden * (2 * b + 4)),
-                    "cos/sin shared by layers; final RMSNorm input/output")
-    # A layer's backward runs the MLP first: its saved tensors are freed before the attention's
-    # backward allocates its working set, so the two moments are separate peaks, not a sum.
-    layer = t * _layer_saved(m, b, tiled) if o.checkpointing else 0.0
-    mlp_grads = t * (3 * m.hidden * b + (0 if tiled else 2 * m.intermediate * b))
-    mlp_why = "gradients flowing through the MLP's backward"
-    if tiled:
-        mlp_tile = min(t, o.mlp_tile or default_mlp_tile(m.intermediate))
-        mlp_grads += _tiled_mlp_work(m, b, mlp_tile)
-        mlp_why += f"; one {mlp_tile}-token tile's intermediates, weight-gradient sums (tiled)"
-    attn_layer = t * _attn_saved(m, b) if o.checkpointing else 0.0
-    attn_grads = t * 3 * m.hidden * b
-    dilated = o.attention == "dilated"
-    attn = t * (_dilated_backward(m, b, o) if dilated else _attention_backward(m, b, o))
-    mlp_phase = layer + mlp_grads
-    # without checkpointing every layer's activations are in `ckpt`; the MLP's are freed by now
-    attn_held = attn_layer if o.checkpointing else -t * _mlp_saved(m, b, tiled)
-    attn_phase = attn_held + attn_grads + attn
-    layer_phase = max(mlp_phase, attn_phase)
-    attn_why = ("dilated backward: base grads, fp32 sums over 1/c rows, one branch's rows"
-                if dilated else "ring_backward: fp32 dq/dK/dV, K/V buffers, block grads")
-    if o.tiled_loss:
-        tile = min(t, o.loss_tile or default_tile_size(m.vocab))
-        loss_phase = (tile * m.vocab * (2 * b + 8) + t * 4 + t * m.hidden * b
-                      + m.vocab * m.hidden * 4)
-        loss_why = f"tiled: {tile}-token tile of logits + fp32 dW accumulator + lse"
-    else:
-        loss_phase = t * m.vocab * (b + 12) + t * m.hidden * b
-        loss_why = "full logits (dtype) + fp32 upcast, log-softmax and its gradient"
-    final_why = "final RMSNorm input/output (freed before the layers' backward)"
-    if layer_phase >= loss_phase + final:
-        if mlp_phase >= attn_phase:
-            add("layer recompute", layer, "one layer's activations rebuilt during its backward")
-            add("backward grads", mlp_grads, mlp_why)
-            add("attention", 0.0, attn_why + f" ({attn / GIB:.2f} GiB, after the MLP's "
-                "activations are freed: not live at this peak)")
-            pl.phase = "MLP backward"
-        else:
-            add("layer recompute" if o.checkpointing else "freed MLP activations", attn_held,
-                "the attention half's activations (the MLP's are freed by now)"
-                if o.checkpointing else "the last layer's MLP activations, freed by now")
-            add("backward grads", attn_grads, "gradients flowing through the attention")
-            add("attention", attn, attn_why)
-            pl.phase = "attention backward"
-        if o.activation_offload:
-            add("final norm", 0.0, final_why + f" ({final / GIB:.2f} GiB, not live here)")
-        add("logits/loss", 0.0, loss_why + " (not live at the layer peak)")
-        active = layer_phase
-    else:
-        if o.activation_offload:
-            add("final norm", final, final_why)
-        add("logits/loss", loss_phase, loss_why)
-        active, pl.phase = loss_phase + final, "loss"
-    step = 0.0 if o.offload_optimizer else 4 * min(n / (world if o.zero else 1), o.sub_group)
-    train = static + ckpt + active
-    if static + step > train:
-        add("optimizer step", step, "fp32 copy of a gradient sub-group at step()")
-        pl.phase, train = "optimizer step", static + step
-    pl.peak_bytes = train
-
-    def host(name, nbytes, why):
-        pl.host_components.append((name, float(nbytes), why))
-
-    if o.activation_offload:
-        host("checkpoints", m.layers * t * m.hidden * b,
-             "every decoder layer's input, pinned (power-of-two pieces: < 2 MiB rounding each)")
-    if o.offload_optimizer:
-        host("optimizer", n * 16 / (world if o.zero else 1),
-             "ZeRO-Offload: fp32 master, Adam m, v and fp32 gradients = 16 B/param")
-    host("process", o.host_reserve_gib * GIB,
-         "allowance for the process itself: CUDA runtime, libraries, Python (--host-reserve-gib)")
-    return pl
-
-
-def seq_divisor(o: PlanOptions) -> int:
-    base = o.sp_size * (2 if o.layout == "zigzag" else 1)
-    if o.attention == "dilated" and o.dilation_rates:
-        base *= math.lcm(*o.dilation_rates)
-    return base
-
-
-def max_seq_len(m: ModelSpec, o: PlanOptions, gpu_mem_gib: float,
-                limit: int = 2**34, host_mem_gib: float | None = None) -> int:
-    """Longest total sequence (multiple of the layout's divisor) whose peak fits the GPU.
-
-    With ``host_mem_gib`` (per rank) the host terms must fit it too. Both are monotone in the
-    length, so bisect over multiples of the divisor. 0 if none fits.
-    """
-    budget = (gpu_mem_gib - o.reserve_gib) * GIB
-    host_budget = None if host_mem_gib is None else host_mem_gib * GIB
-
-    def fits(seq: int) -> bool:
-        pl = estimate(m, seq, o)
-        return pl.peak_bytes <= budget and (host_budget is None or pl.host_bytes <= host_budget)
-
-    div = seq_divisor(o)
-    lo, hi = 0, limit // div
-    if not fits(div):
-        return 0
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if fits(mid * div):
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo * div
-
-
-def reach(m: ModelSpec, o: PlanOptions, gpu_mem_gib: float,
-          host_mem_gib: float | None) -> tuple[int, str]:
-    """(longest sequence, what limits it: ``"GPU memory"`` or ``"host memory"``)."""
-    both = max_seq_len(m, o, gpu_mem_gib, host_mem_gib=host_mem_gib)
-    if host_mem_gib is not None and both < max_seq_len(m, o, gpu_mem_gib):
-        return both, "host memory"
-    return both, "GPU memory"
-
-
-def attention_check_bytes(m: ModelSpec, seq_len: int, o: PlanOptions) -> float:
-    """Bytes above its inputs of one dense attention forward+backward on one rank.
-
-    What ``bench e2e --find-max`` measures (q, k, v and the output gradient allocated before):
-    the saved output and lse, ring_backward's working set (the training step's attention
-    term) and the gradients dq, dk, dv in the model dtype, cast from their fp32 sums.
-    """
-    b, t = DTYPE_BYTES[o.dtype], o.micro_batch * seq_len // o.sp_size
-    d, hq, hkv = m.d, m.heads, m.kv_heads
-    dense = replace(o, attention="ring")
-    return t * (hq * d * b + hq * 4 + _attention_backward(m, b, dense) + (hq + 2 * hkv) * d * b)
-
-
-def format_plan(pl: Plan, gpu_mem_gib: float | None = None,
-                host_mem_gib: float | None = None) -> str:
-    rows = [f"seq_len {pl.seq_len:,}  tokens/GPU {pl.tokens_per_gpu:,}  peak phase: {pl.phase}",
-            f"{'component':<22} {'GiB':>9}  why"]
-    rows += [f"{n:<22} {v / GIB:>9.2f}  {why}" for n, v, why in pl.components]
-    rows.append(f"{'peak (per GPU)':<22} {pl.peak_gib:>9.2f}" +
-                (f"  of {gpu_mem_gib:.4g} GiB" if gpu_mem_gib else ""))
-    rows += [f"{'host: ' + n:<22} {v / GIB:>9.2f}  {why}" for n, v, why in pl.host_components]
-    rows.append(f"{'host (per rank)':<22} {pl.host_gib:>9.2f}" +
-                (f"  of {host_mem_gib:g} GiB" if host_mem_gib else ""))
-    return "\n".join(rows)
-
-
-def gpu_memory_gib(requested: float | None) -> tuple[float, str]:
-    """(GiB per GPU, why): ``requested``, else CUDA device 0's total memory, else the fallback."""
-    if requested is not None:
-        return requested, "--gpu-mem-gib"
-    import torch
-
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        return props.total_memory / GIB, f"detected: CUDA device 0, {props.name}"
-    return FALLBACK_GPU_MEM_GIB, "no CUDA device found: default; pass --gpu-mem-gib for yours"
-
-
-def options_from_args(a: argparse.Namespace) -> PlanOptions:
-    dilated = a.attention == "dilated"
-    return PlanOptions(gpus=a.gpus, sp=a.sp, zero=a.zero, dtype=a.dtype,
-                       checkpointing=a.checkpointing, tiled_loss=a.tiled_loss,
-                       loss_tile=a.loss_tile, micro_batch=a.micro_batch,
-                       layout="contiguous" if dilated else a.layout,
-                       attention=a.attention,
-                       dilation_rates=tuple(a.dilation_rates) if dilated else (),
-                       offload_optimizer=a.offload_optimizer, reserve_gib=a.reserve_gib,
-                       ulysses_size=a.ulysses_size or 1,
-                       activation_offload=a.offload, tiled_mlp=a.tiled_mlp,
-                       mlp_tile=a.mlp_tile, host_reserve_gib=a.host_reserve_gib)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m seqpar_ring.plan", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="llama-1.1b", help=f"preset {sorted(PRESETS)} or path")
-    p.add_argument("--seq-len", type=int, default=None, help="total tokens per sample")
-    p.add_argument("--gpus", type=int, default=1)
-    p.add_argument("--sp", type=int, default=None, help="SP group size (default: --gpus)")
-    p.add_argument("--zero", type=int, default=3, choices=(0, 1, 2, 3))
-    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_BYTES))
-    p.add_argument("--gpu-mem-gib", type=float, default=None,
-                   help="memory per GPU in GiB (default: CUDA device 0's when present, else "
-                        f"{FALLBACK_GPU_MEM_GIB:g})")
-    p.add_argument("--host-mem-gib", type=float, default=128.0,
-                   help="host memory per rank (GPU) that the step may use")
-    p.add_argument("--host-reserve-gib", type=float, default=PlanOptions.host_reserve_gib,
-                   help="host memory the process needs besides offloaded tensors")
-    p.add_argument("--micro-batch", type=int, default=1)
-    p.add_argument("--layout", default="zigzag", choices=("contiguous", "zigzag"))
-    p.add_argument("--attention", default="ring", choices=("ring", "dilated"),
-                   help="of the detailed plan (the summary shows both)")
-    p.add_argument("--dilation-rates", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    p.add_argument("--loss-tile", type=int, default=None)
-    p.add_argument("--mlp-tile", type=int, default=None, help="tokens per tiled-MLP tile")
-    p.add_argument("--reserve-gib", type=float, default=1.0)
-    p.add_argument("--offload", "--activation-offload", dest="offload", action="store_true",
-                   help="activation-checkpoint offload: layer inputs in pinned host memory")
-    p.add_argument("--tiled-mlp", action="store_true", help="decoder MLPs over sequence tiles")
-    p.add_argument("--offload-optimizer", action="store_true")
-    p.add_argument("--ulysses-size", type=int, default=None,
-                   help="Ulysses factor of the SP group for the memory estimate (default 1); "
-                   "with --seq-len the modelled 'auto' choice is printed either way")
-    p.add_argument("--gpus-per-node", type=int, default=8,
-                   help="'auto' keeps the all-to-all inside a node of this many GPUs")
-    for flag, default in (("checkpointing", True), ("tiled-loss", True)):
-        p.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=default)
-    return p
-
-
-def reach_table(m: ModelSpec, o: PlanOptions, gpu_mem_gib: float, host_mem_gib: float,
-                rates: tuple[int, ...]) -> str:
-    """Longest sequence, dense and dilated, for each combination of the reach options."""
-    dense = replace(o, attention="ring", dilation_rates=(),
-                    layout="zigzag" if o.attention == "dilated" else o.layout)
-    dil = replace(o, attention="dilated", dilation_rates=rates, layout="contiguous")
-    rows = [f"longest sequence (limit), {gpu_mem_gib:g} GiB per GPU, {host_mem_gib:g} GiB host "
-            f"per rank, {o.gpus} GPUs:",
-            f"  {'options':<28} {'dense (ring, ' + dense.layout + ')':<30} "
-            f"dilated (r = {','.join(map(str, rates))})"]
-    for name, off, tiled in (("checkpointing", False, False), ("+ tiled MLP", False, True),
-                             ("+ activation offload", True, False),
-                             ("+ offload + tiled MLP", True, True)):
-        cells = []
-        for base in (dense, dil):
-            seq, lim = reach(m, replace(base, activation_offload=off, tiled_mlp=tiled),
-                             gpu_mem_gib, host_mem_gib)
-            cells.append(f"{seq:>13,} ({lim})")
-        rows.append(f"  {name:<28} {cells[0]:<30} {cells[1]}")
-    return "\n".join(rows)
-
-
-def main(argv: list[str] | None = None) -> None:
-    a = build_parser().parse_args(argv)
-    m, o = load_spec(a.model), options_from_args(a)
-    if a.gpus % o.sp_size:
-        raise SystemExit(f"--gpus {a.gpus} must be a multiple of --sp {o.sp_size}")
-    if o.activation_offload and not o.checkpointing:
-        raise SystemExit("--offload moves the checkpointed layer inputs: drop --no-checkpointing")
-    mem, why = gpu_memory_gib(a.gpu_mem_gib)
-    if o.sp_size % o.ulysses_size:
-        raise SystemExit(f"--ulysses-size {o.ulysses_size} must divide the SP size {o.sp_size}")
-    print(f"model {a.model}: {m.params() / 1e9:.3f}B params, {m}")
-    print(f"options: {o}")
-    print(f"GPU memory: {mem:.4g} GiB per GPU ({why})")
-    if a.seq_len:
-        pl = estimate(m, a.seq_len, o)
-        print(format_plan(pl, mem, a.host_mem_gib))
-        gpu_ok = pl.peak_bytes <= (mem - o.reserve_gib) * GIB
-        host_ok = pl.host_bytes <= a.host_mem_gib * GIB
-        print(f"{a.seq_len:,} tokens: GPU {'fits' if gpu_ok else 'DOES NOT FIT'}, host "
-              f"{'fits' if host_ok else 'DOES NOT FIT'}")
-        u, costs = choose_ulysses_size(m.heads, m.kv_heads, m.d, a.seq_len, o.sp_size,
-                                       layout=o.layout, dtype_bytes=DTYPE_BYTES[o.dtype],
-                                       hw=Hardware(gpus_per_node=a.gpus_per_node))
-        print(format_choice(u, costs))
-    best, limit = reach(m, o, mem, a.host_mem_gib)
-    print(f"longest sequence that fits {mem:.4g} GiB/GPU (minus {o.reserve_gib:g} GiB "
-          f"reserve) and {a.host_mem_gib:g} GiB host/rank: {best:,} tokens, limited by {limit}")
-    if best:
-        print(format_plan(estimate(m, best, o), mem, a.host_mem_gib))
-    if not o.tiled_loss or not o.checkpointing:
-        alt = replace(o, tiled_loss=True, checkpointing=True)
-        print(f"with checkpointing + tiled loss: {max_seq_len(m, alt, mem):,} tokens")
-    if o.checkpointing:
-        print(reach_table(m, o, mem, a.host_mem_gib, tuple(a.dilation_rates)))
-
 
 if __name__ == "__main__":
     main()
