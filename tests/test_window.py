@@ -18,8 +18,10 @@ from _exact import make_inputs, single_thread
 from reference import window_reference
 
 from seqpar_ring import comm as C
+from seqpar_ring import groups as sp_groups
 from seqpar_ring.layout import shard
 from seqpar_ring.ring import ring_attention
+from seqpar_ring.ulysses import ulysses_ring_attention
 from seqpar_ring.window import window_rect
 
 SEQ, BATCH, HEADS, KV_HEADS, DIM = 24, 2, 4, 2, 8
@@ -91,6 +93,11 @@ def _cases(world: int):
     if world > 1:
         yield dict(window=5, layout="zigzag", kind="packed", sinks=True, dtype=torch.float64,
                    comm="allgather", bucket=None)
+    if world in (2, 4):  # Ulysses x ring (u = 2): pure Ulysses at SP 2, 2 x 2 at SP 4
+        for w, layout, kind in ((3, "zigzag", "packed"), (9, "contiguous", "plain"),
+                                (7, "zigzag", "pad")):
+            yield dict(window=w, layout=layout, kind=kind, sinks=True, dtype=torch.float64,
+                       comm="ring", bucket=None, ulysses=2)
 
 
 def _check(rank: int, world: int, case: dict, seed: int) -> None:
@@ -105,17 +112,21 @@ def _check(rank: int, world: int, case: dict, seed: int) -> None:
     s64 = None if sinks is None else sinks.double().requires_grad_(True)
     ref = window_reference(*leaves, case["window"], doc_ids=doc, sinks=s64)
     want = torch.autograd.grad(ref, leaves + ([s64] if s64 is not None else []), dout.double())
-    lay, dt = case["layout"], case["dtype"]
+    lay, dt, u = case["layout"], case["dtype"], case.get("ulysses", 1)
 
     def sh(x):
-        return shard(x, world, rank, lay, dim=1).contiguous() if world > 1 else x
+        return shard(x, world, rank, lay, dim=1, ulysses_size=u).contiguous() \
+            if world > 1 else x
 
     q, k, v = (sh(data[n].to(dt)).requires_grad_(True) for n in ("q", "k", "v"))
     s = None if sinks is None else sinks.to(dt).requires_grad_(True)
     group = torch.distributed.group.WORLD if world > 1 else None
-    out = ring_attention(q, k, v, group, layout=lay, comm=case["comm"], window=case["window"],
-                         sinks=s, doc_ids=None if doc is None else sh(doc),
-                         bucket_size=case["bucket"])
+    kw = dict(layout=lay, comm=case["comm"], window=case["window"], sinks=s,
+              doc_ids=None if doc is None else sh(doc), bucket_size=case["bucket"])
+    if u > 1:
+        out = ulysses_ring_attention(q, k, v, sp_groups.initialize(world, ulysses_size=u), **kw)
+    else:
+        out = ring_attention(q, k, v, group, **kw)
     got = torch.autograd.grad(out, [q, k, v] + ([s] if s is not None else []), sh(dout.to(dt)))
     if s is not None and world > 1:  # each rank holds its rows' share of the sink gradient
         ds = got[3].clone()
@@ -138,6 +149,7 @@ def _all_cases(rank: int, world: int) -> int:
         for i, case in enumerate(_cases(world)):
             _check(rank, world, case, seed=100 + i)
             n += 1
+    sp_groups.destroy()
     return n
 
 
