@@ -37,6 +37,7 @@ from .hf_attention import (
 from .hf_data import SPDataCollator, shard_dataloader
 from .hf_grads import sync_sp_gradients, track
 from .hf_loss import SPCausalLMLoss, register_sp_ddp_hook
+from .hf_window import check_model
 
 __all__ = [
     "ATTN_NAME",
@@ -88,6 +89,7 @@ def patch(model: nn.Module, config: SeqParConfig, groups: SPGroups | None = None
         raise ValueError(f"config must be a SeqParConfig, got {type(config).__name__}")
     groups = resolve_groups(config, groups)
     _check_config(inner)
+    check_model(inner)  # per-layer windows / sinks / soft-capping (hf_window)
     register()
     bind(model, SPState(config=config, groups=groups))
     inner.set_attn_implementation(ATTN_NAME)

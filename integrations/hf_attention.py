@@ -35,6 +35,8 @@ from seqpar_ring.groups import SPGroups, get_groups, initialize
 from seqpar_ring.layout import gather, shard
 from seqpar_ring.modules import sp_attention
 
+from .hf_window import call_settings
+
 __all__ = ["ATTN_NAME", "DOC_IDS_KEY", "LAYOUT_KEY", "SPState", "register", "bind", "state_of",
            "resolve_groups", "seqpar_ring_attention", "doc_ids_from_positions"]
 
@@ -200,17 +202,6 @@ def _check_call(state: SPState, module, attention_mask, dropout: float, seq: int
             f"attention dropout={dropout} is not supported by seqpar_ring attention: set "
             "model.config.attention_dropout = 0.0"
         )
-    for key in ("s_aux", "softcap"):
-        if kwargs.get(key) is not None:
-            raise ValueError(f"{type(module).__name__} passes {key}=..., which seqpar_ring "
-                             "attention does not implement; use another attention for this model")
-    window = kwargs.get("sliding_window")
-    if window is not None and window < seq:
-        raise ValueError(
-            f"{type(module).__name__} uses sliding_window={window} but the sequence has {seq} "
-            "tokens: seqpar_ring attention has no sliding window. Set "
-            "model.config.sliding_window = None (full attention) or use sequences <= the window"
-        )
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(
             f"seqpar_ring attention got a {attention_mask.dim()}D attention_mask; under sequence "
@@ -250,9 +241,10 @@ def seqpar_ring_attention(
             state, kwargs.get("position_ids"), attention_mask, query.shape[0])
     if doc_ids is not None and (doc_ids.device != query.device or doc_ids.dtype != torch.long):
         doc_ids = doc_ids.to(device=query.device, dtype=torch.long)
+    window, sinks = call_settings(module, kwargs, seq)  # sliding window, gpt-oss sinks
     out = sp_attention(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), state.config,
         state.groups, causal=getattr(module, "is_causal", True), scale=scaling, doc_ids=doc_ids,
-        agreed=state.agreed,
+        agreed=state.agreed, window=window, sinks=sinks,
     )
     return out, None
