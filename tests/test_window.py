@@ -191,3 +191,13 @@ def test_window_sends_only_the_window():
         # the dense ring sends the whole shard p - 1 times
         assert got[("contiguous", None)] == (world - 1) * 64 * row, got
         assert got[("zigzag", w)] * 6 < got[("zigzag", None)], got
+
+
+def test_bench_counts_visible_pairs():
+    from seqpar_ring.tools.bench.window import window_pairs
+
+    for s, w in itertools.product((1, 7, 40), (1, 3, 40, None)):
+        i = torch.arange(s).view(-1, 1)
+        j = torch.arange(s).view(1, -1)
+        want = ((j <= i) & ((i - j < w) if w else True)).sum().item()
+        assert window_pairs(s, w) == want, (s, w)
