@@ -28,6 +28,8 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Callable
 
+import torch
+
 from .documents import DocPlan
 from .schedule import BlockCall, Chunks
 
@@ -162,6 +164,7 @@ def _geometry(window: int, shards: tuple[tuple[tuple[int, int], ...], ...]
 _DOC_PLANS: weakref.WeakKeyDictionary[DocPlan, dict] = weakref.WeakKeyDictionary()
 
 
+@torch.compiler.disable  # host work, cached per batch: outside any compiled graph
 def plan_window(window: int, p: int, me: int, chunks_of: Callable[[int], Chunks],
                 docs: DocPlan | None, peer: bool) -> WindowPlan:
     """Rank ``me``'s windowed pass over ``p`` ranks; ``peer``: K/V travel by `PeerStep`s

@@ -57,11 +57,14 @@ def _mask(
 
     ``lim``: (lowest, highest) visible j - i of a band (`_band_limits`)."""
     mask = None
-    qi = torch.arange(qs, qe, device=device).unsqueeze(1)
-    kj = torch.arange(ks, ke, device=device).unsqueeze(0)
-    if causal and ke - 1 > qs:  # some key of this tile lies after some query
+    cut = causal and ke - 1 > qs  # some key of this tile lies after some query
+    banded = lim is not None and (ks - (qe - 1) < lim[0] or ke - 1 - qs > lim[1])
+    if cut or banded:
+        qi = torch.arange(qs, qe, device=device).unsqueeze(1)
+        kj = torch.arange(ks, ke, device=device).unsqueeze(0)
+    if cut:
         mask = (kj <= qi).view(1, 1, 1, qe - qs, ke - ks)
-    if lim is not None and (ks - (qe - 1) < lim[0] or ke - 1 - qs > lim[1]):
+    if banded:
         d = kj - qi
         band = ((d >= lim[0]) & (d <= lim[1])).view(1, 1, 1, qe - qs, ke - ks)
         mask = band if mask is None else mask & band
