@@ -21,12 +21,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from seqpar_ring.agreement import agree, fingerprint
 from seqpar_ring.config import SeqParConfig
 from seqpar_ring.groups import SPGroups
+from seqpar_ring.layout import doc_ids_from_positions
 
 from . import hf_hooks
-from seqpar_ring.agreement import agree, fingerprint
-from seqpar_ring.layout import doc_ids_from_positions
 
 from .hf_attention import (
     ATTN_NAME,
@@ -40,6 +40,7 @@ from .hf_batch import DOC_IDS_KEY
 from .hf_data import SPDataCollator, shard_dataloader
 from .hf_grads import sync_sp_gradients, track
 from .hf_loss import SPCausalLMLoss, register_sp_ddp_hook
+from .hf_window import check_model
 
 __all__ = [
     "ATTN_NAME",
@@ -100,6 +101,7 @@ def _patch(model: nn.Module, config: SeqParConfig, groups: SPGroups | None = Non
         _agree_world(config)
     groups = resolve_groups(config, groups)
     _check_config(inner)
+    check_model(inner)  # per-layer windows / sinks / soft-capping (hf_window)
     register_interface()
     bind(model, SPState(config=config, groups=groups))
     inner.set_attn_implementation(ATTN_NAME)

@@ -35,6 +35,7 @@ from seqpar_ring.modules import sp_attention
 
 from .hf_batch import AGREED_KEY, DOC_IDS_KEY, batch_doc_ids
 from .hf_decode import cached_attention
+from .hf_window import call_settings
 
 __all__ = ["ATTN_NAME", "AGREED_KEY", "DOC_IDS_KEY", "LAYOUT_KEY", "SPState", "register_interface",
            "bind", "is_bound", "state_of", "resolve_groups", "seqpar_ring_attention"]
@@ -144,17 +145,6 @@ def _check_call(state: SPState, module, attention_mask, dropout: float, seq: int
             f"attention dropout={dropout} is not supported by seqpar_ring attention: set "
             "model.config.attention_dropout = 0.0"
         )
-    for key in ("s_aux", "softcap"):
-        if kwargs.get(key) is not None:
-            raise ValueError(f"{type(module).__name__} passes {key}=..., which seqpar_ring "
-                             "attention does not implement; use another attention for this model")
-    window = kwargs.get("sliding_window")
-    if window is not None and window < seq:
-        raise ValueError(
-            f"{type(module).__name__} uses sliding_window={window} but the sequence has {seq} "
-            "tokens: seqpar_ring attention has no sliding window. Set "
-            "model.config.sliding_window = None (full attention) or use sequences <= the window"
-        )
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(
             f"seqpar_ring attention got a {attention_mask.dim()}D attention_mask; under sequence "
@@ -202,11 +192,12 @@ def seqpar_ring_attention(
     else:  # a call outside the hooked decoder: its own arguments, and its own agreement
         doc_ids = state.doc_ids(lambda k: attention_mask if k == "attention_mask" else
                                 kwargs.get(k), query.shape[0], query.shape[2], query.device)
+    window, sinks = call_settings(module, kwargs, seq)  # sliding window, gpt-oss sinks
     query, key, value = _autocast(query, key, value)
     out = sp_attention(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), state.config,
         state.groups, causal=getattr(module, "is_causal", True), scale=scaling, doc_ids=doc_ids,
-        agreed=agreed,
+        agreed=agreed, window=window, sinks=sinks,
     )
     return out, None
 

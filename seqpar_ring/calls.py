@@ -3,7 +3,8 @@
 A call is dense (rows of Q against rows of K/V, diagonal-causal or full), *segmented* (the rows
 cut into windows that become batch entries: dilated segments, or packed documents of one
 length), *masked* (windows that straddle chunks: each row's window index acts as a document id;
-torch kernel only) or *varlen* (several packed documents laid end to end). ``call.row``
+torch kernel only) or *varlen* (several packed documents laid end to end); any of them may carry
+a sliding-window ``band`` (`seqpar_ring.window`), which every kernel takes. ``call.row``
 restricts it to one row of the batch. Tensors are (batch, heads, rows, head_dim) views; lse and
 delta (batch, heads, rows).
 """
@@ -48,6 +49,8 @@ def forward(kernel, call: BlockCall, q, k, v, *, scale: float, bucket_size: int 
     r = rows(call)
     qb, kb, vb = q[r, :, call.q], k[r, :, call.k], v[r, :, call.k]
     kw = dict(causal=call.causal, scale=scale, bucket_size=bucket_size)
+    if call.band is not None:
+        kw["band"] = call.band
     if call.varlen is not None:
         return kernel.varlen_forward(qb, kb, vb, call.varlen, **kw)
     if call.masked:
@@ -68,6 +71,8 @@ def backward(kernel, call: BlockCall, dout, q, k, v, out, lse, delta, *, scale: 
     sl = (r, slice(None), call.q)
     kb, vb = k[r, :, call.k], v[r, :, call.k]
     kw = dict(causal=call.causal, scale=scale, bucket_size=bucket_size)
+    if call.band is not None:
+        kw["band"] = call.band
     delta_b = None if delta is None else delta[sl]
     if call.varlen is not None:
         return kernel.varlen_backward(dout[sl], q[sl], kb, vb, out[sl], lse[sl], call.varlen,

@@ -24,8 +24,13 @@ def sp_attention(
     scale: float | None = None,
     doc_ids: torch.Tensor | None = None,
     agreed: bool = False,
+    window: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run the attention ``config`` selects (ring or dilated) on (batch, seq_local, heads, dim).
+
+    ``window`` (a causal sliding window, transformers' ``sliding_window``) and ``sinks``
+    ((heads,) learned sink logits) as in `ring_attention`; dilated attention takes neither.
 
     ``group``: the SP process group (None = local), or the rank's `SPGroups` — required when
     ``config.ulysses_size > 1``, which runs Ulysses x ring (`seqpar_ring.ulysses`) over its
@@ -36,6 +41,11 @@ def sp_attention(
     common = dict(causal=causal, layout=config.layout, scale=scale, bucket_size=config.bucket_size,
                   kernel=config.kernel, timeout_s=config.comm_timeout_s, agreed=agreed)
     dilated = config.attention == "dilated"
+    if dilated and (window is not None or sinks is not None):
+        raise ValueError(
+            "dilated attention has its own sparsity and takes no sliding window or attention "
+            "sinks: use SeqParConfig(attention='ring') for sliding-window or sink models")
+    extra = dict(window=window, sinks=sinks) if not dilated else {}
     u = config.ulysses_size
     if u != 1:
         groups = _hybrid_groups(config, group)
@@ -49,13 +59,13 @@ def sp_attention(
                                              segment_lengths=config.segment_lengths,
                                              dilation_rates=config.dilation_rates, **common)
         return ulysses_ring_attention(q, k, v, groups, comm=config.comm, doc_ids=doc_ids,
-                                      **common)
+                                      **extra, **common)
     if isinstance(group, SPGroups):
         group = group.sp_group if group.sp_size > 1 else None
     if dilated:
         return dilated_attention(q, k, v, group, segment_lengths=config.segment_lengths,
                                  dilation_rates=config.dilation_rates, doc_ids=doc_ids, **common)
-    return ring_attention(q, k, v, group, comm=config.comm, doc_ids=doc_ids, **common)
+    return ring_attention(q, k, v, group, comm=config.comm, doc_ids=doc_ids, **extra, **common)
 
 
 def _hybrid_groups(config: SeqParConfig, group) -> SPGroups:

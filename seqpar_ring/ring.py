@@ -31,6 +31,7 @@ from .kernels import select_kernel
 from .kernels.merge import accumulation_dtype, merge_into
 from .layout import chunk_ranges
 from .schedule import BlockCall, Chunks, plan_blocks
+from .window import WindowPlan, check_window, plan_window
 
 
 @dataclass
@@ -49,8 +50,12 @@ class RingPass:
     gather_group: Any = None         # set for comm="allgather"
     docs: DocPlan | None = None      # packed documents / padding of this batch
     timeout_s: float = C.DEFAULT_TIMEOUT_S
+    wplan: WindowPlan | None = None  # sliding window: calls per origin, peer exchanges
+    ring_group: Any = None           # the group peer exchanges (wplan.steps) run in
 
     def calls(self, origin: int) -> list[BlockCall]:
+        if self.wplan is not None:
+            return self.wplan.by_origin[origin]
         if self.docs is not None:
             return self.docs.calls(origin)
         mine, theirs = self.chunks_of(self.me), self.chunks_of(origin)
@@ -178,6 +183,9 @@ def ring_forward(ps: RingPass, q, k, v):
     fp64 inputs), except when the pass stays on this rank and writes each row once (world size
     1, local dilated segments) — then the kernels' own results, with no accumulator or merge.
     """
+    if ps.wplan is not None and ps.ring_group is not None:
+        from .window_pass import peer_forward
+        return peer_forward(ps, q, k, v)
     local = _local_calls(ps, q.shape[2], k.shape[2])
     if local is not None:
         return _forward_local(ps, local, q, k, v)
@@ -210,6 +218,9 @@ def ring_backward(ps: RingPass, dout, q, k, v, out, lse):
     such buffers exist: one in flight, one receiving.
     """
     delta = _delta(ps, dout, out)
+    if ps.wplan is not None and ps.ring_group is not None:
+        from .window_pass import peer_backward
+        return peer_backward(ps, dout, q, k, v, out, lse, delta)
     local = _local_calls(ps, q.shape[2], k.shape[2])
     if local is not None:
         return _backward_local(ps, local, dout, q, k, v, out, lse, delta)
@@ -257,22 +268,49 @@ def ring_backward(ps: RingPass, dout, q, k, v, out, lse):
     return dq, dkv[0], dkv[1]
 
 
+def merge_sinks(out, lse, sinks):
+    """Join a per-head sink logit (H,) to the softmax denominator of a finished pass.
+
+    L' = logaddexp(lse, sink); out' = out * exp(lse - L'). Rows with no key (lse -inf) stay 0.
+    Returns (out' in the accumulation dtype, L')."""
+    acc = lse.dtype
+    new = torch.logaddexp(lse, sinks.to(acc).view(1, -1, 1))
+    return out.to(acc) * torch.exp(lse - new).unsqueeze(-1), new
+
+
+def sinks_grad(dout, out, lse, sinks):
+    """d loss / d sinks (H,) given the final out and lse (sink included): the sink's probability
+    exp(sink - L) times -rowsum(dout * out), summed over batch and rows (a rank's share)."""
+    acc = lse.dtype
+    delta = (dout.to(acc) * out.to(acc)).sum(-1)
+    return -(torch.exp(sinks.to(acc).view(1, -1, 1) - lse) * delta).sum((0, 2))
+
+
 class RingAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper of one ring pass: q (B, H, n, D), k/v (B, Hkv, n, D) -> out (B, H, n, D)."""
+    """Autograd wrapper of one ring pass: q (B, H, n, D), k/v (B, Hkv, n, D) -> out (B, H, n, D).
+
+    ``sinks`` (H,) or None: learned sink logits (gpt-oss) that join every row's softmax
+    denominator once; backward with the final out/lse is then exact for q, k, v as it stands.
+    """
 
     @staticmethod
-    def forward(ctx, q, k, v, ps: RingPass):
+    def forward(ctx, q, k, v, sinks, ps: RingPass):
         out, lse = ring_forward(ps, q, k, v)
+        if sinks is not None:
+            out, lse = merge_sinks(out, lse, sinks)
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.ps = ps
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, sinks = ctx.saved_tensors
         dq, dk, dv = ring_backward(ctx.ps, dout, q, k, v, out, lse)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+        ds = None
+        if sinks is not None and ctx.needs_input_grad[3]:
+            ds = sinks_grad(dout, out, lse, sinks).to(sinks.dtype)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), ds, None
 
 
 LAYOUTS = ("contiguous", "zigzag")
@@ -292,6 +330,8 @@ def ring_attention(
     bucket_size: int | None = None,
     kernel: str = "auto",
     doc_ids: torch.Tensor | None = None,
+    window: int | None = None,
+    sinks: torch.Tensor | None = None,
     timeout_s: float = C.DEFAULT_TIMEOUT_S,
     agreed: bool = False,
 ) -> torch.Tensor:
@@ -309,6 +349,12 @@ def ring_attention(
     rows' outputs are then unspecified, every other row is exact. Other padding rows return 0.
     The documents are planned once per ``doc_ids`` tensor (one all-gather of the ids), so pass
     the same tensor to every layer of a forward.
+
+    ``window`` W (causal only): transformers' ``sliding_window`` — the query at global position
+    i sees keys j with i - W < j <= i (and of its own document). Block pairs no window reaches
+    are neither sent nor computed; K/V travel only to the ranks the windows reach, and only the
+    rows they reach (`seqpar_ring.window`). ``sinks`` (heads,): gpt-oss's learned per-head
+    sink logits, joined once to every row's softmax denominator; they receive a gradient.
 
     Before any traffic the ranks agree on shapes, dtype and settings (one small all-gather; a
     bad input on any rank raises `AgreementError` on every rank). ``agreed=True`` skips that
@@ -335,12 +381,17 @@ def ring_attention(
                              f"got {tuple(doc_ids.shape)}")
         if bucket_size is not None and bucket_size < 1:
             raise ValueError(f"bucket_size={bucket_size} must be >= 1 (or None)")
+        check_window(window, causal)
+        if sinks is not None and tuple(sinks.shape) != (q.shape[2],):
+            raise ValueError(f"sinks must be (heads,) = ({q.shape[2]},), got "
+                             f"{tuple(sinks.shape)}")
         chosen.append(select_kernel(kernel, q))
 
     check_inputs(q, k, v, group, what="ring_attention", local=local, agreed=agreed,
                  timeout_s=timeout_s, settings=dict(
                      causal=causal, layout=layout, comm=comm, scale=scale, kernel=kernel,
-                     bucket_size=bucket_size, docs=doc_ids is not None))
+                     bucket_size=bucket_size, docs=doc_ids is not None, window=window,
+                     sinks=sinks is not None))
     if p == 1:
         layout = "contiguous"  # one rank holds the whole row in order under either layout
     seq = q.shape[1] * p
@@ -352,13 +403,21 @@ def ring_attention(
     docs = None
     if doc_ids is not None:
         docs = documents_for(doc_ids, group, layout, causal, origins, me, chunks_of)
+    docs = None if docs is None or docs.trivial else docs
+    wplan = None
+    if window is not None:
+        wplan = plan_window(window, p, me, chunks_of, docs, peer=p > 1 and comm == "ring")
+        origins = wplan.origins
     ps = RingPass(
-        ring=C.RingComm(group, timeout_s=timeout_s) if p > 1 and comm == "ring" else None,
+        ring=C.RingComm(group, timeout_s=timeout_s) if p > 1 and comm == "ring" and wplan is None
+        else None,
         origins=origins, chunks_of=chunks_of, me=me, causal=causal, kernel=chosen[0],
         scale=scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]),
         bucket_size=bucket_size,
         gather_group=group if p > 1 and comm == "allgather" else None,
-        docs=None if docs is None or docs.trivial else docs, timeout_s=timeout_s,
+        docs=docs, timeout_s=timeout_s, wplan=wplan,
+        ring_group=group if wplan is not None and wplan.steps else None,
     )
-    out = RingAttentionFunction.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ps)
+    out = RingAttentionFunction.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                      sinks, ps)
     return out.transpose(1, 2)

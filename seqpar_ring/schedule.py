@@ -72,6 +72,8 @@ class BlockCall:
     k0: int = 0
     row: int | None = None
     varlen: VarlenSpec | None = field(default=None, compare=False)
+    # sliding window (left, right) in FlashAttention's bottom-right convention (`window.py`)
+    band: tuple[int, int | None] | None = None
 
 
 def _runs(indices: Sequence[int]) -> list[tuple[int, int]]:

@@ -43,6 +43,7 @@ from .checks import check_inputs
 from .comm_a2a import a2a_stats, all_gather, all_to_all
 from .dilated import dilated_attention
 from .ring import ring_attention
+from .window import check_window
 
 __all__ = [
     "HybridGroups",
@@ -222,11 +223,14 @@ def _local_checks(q, k, u: int, p: int, what: str, rates) -> None:
 
 
 def _hybrid(q, k, v, groups, inner: Callable, *, doc_ids, timeout_s: float, what: str,
-            settings: dict, agreed: bool, rates=()) -> torch.Tensor:
+            settings: dict, agreed: bool, rates=(), extra: Callable | None = None
+            ) -> torch.Tensor:
     sp, ug, rg, u, r = _resolve(groups)
 
     def local():
         _local_checks(q, k, u, u * r, what, rates)
+        if extra is not None:
+            extra()
         if doc_ids is not None and tuple(doc_ids.shape) != tuple(q.shape[:2]):
             raise ValueError(f"doc_ids must be (batch, seq_local) = {tuple(q.shape[:2])}, "
                              f"got {tuple(doc_ids.shape)}")
@@ -258,6 +262,8 @@ def ulysses_ring_attention(
     bucket_size: int | None = None,
     kernel: str = "auto",
     doc_ids: torch.Tensor | None = None,
+    window: int | None = None,
+    sinks: torch.Tensor | None = None,
     timeout_s: float = C.DEFAULT_TIMEOUT_S,
     agreed: bool = False,
 ) -> torch.Tensor:
@@ -268,20 +274,35 @@ def ulysses_ring_attention(
     `SPGroups` built with ``ulysses_size=u`` or a `HybridGroups`. heads must be a multiple of
     u (kv_heads need not be: K/V are then replicated, module doc). ``doc_ids`` (batch,
     seq_local) as in `ring_attention`. Other arguments are `ring_attention`'s, applied to the
-    ring of r = p/u ranks. Returns (batch, seq_local, heads, head_dim) in q's dtype.
+    ring of r = p/u ranks (``window`` and ``sinks`` too: the sink logits of the heads a rank
+    holds after the all-to-all go with them). Returns (batch, seq_local, heads, head_dim) in q's
+    dtype.
     """
+    ug = _resolve(groups)[1]
+
     def inner(qh, kh, vh, rg, doc):
         # r = 1 (pure Ulysses): both layouts hold the whole sequence in order, and
         # "contiguous" makes it ONE full-length kernel call (zigzag would cut it in 3 calls)
         lay = layout if rg is not None else "contiguous"
+        s = sinks
+        if s is not None and ug is not None:  # Ulysses rank j holds heads [j·h, (j+1)·h)
+            h = qh.shape[2]
+            s = s[C.group_rank(ug) * h:(C.group_rank(ug) + 1) * h]
         return ring_attention(qh, kh, vh, rg, causal=causal, layout=lay, comm=comm,
                               scale=scale, bucket_size=bucket_size, kernel=kernel, doc_ids=doc,
-                              timeout_s=timeout_s, agreed=True)
+                              window=window, sinks=s, timeout_s=timeout_s, agreed=True)
+
+    def local_sinks():
+        if sinks is not None and tuple(sinks.shape) != (q.shape[2],):
+            raise ValueError(f"sinks must be (heads,) = ({q.shape[2]},), got "
+                             f"{tuple(sinks.shape)}")
+        check_window(window, causal)
 
     return _hybrid(q, k, v, groups, inner, doc_ids=doc_ids, timeout_s=timeout_s,
-                   what="ulysses_ring_attention", agreed=agreed, settings=dict(
-                       causal=causal, layout=layout, comm=comm, scale=scale,
-                       bucket_size=bucket_size, kernel=kernel))
+                   what="ulysses_ring_attention", agreed=agreed, extra=local_sinks,
+                   settings=dict(causal=causal, layout=layout, comm=comm, scale=scale,
+                                 bucket_size=bucket_size, kernel=kernel, window=window,
+                                 sinks=sinks is not None))
 
 
 def ulysses_dilated_attention(

@@ -171,3 +171,46 @@ def shard_reference(
 def positions_reference(seq_len: int, sp_size: int, sp_rank: int, layout: str) -> torch.Tensor:
     """Global token positions held by a rank, in local order."""
     return shard_reference(torch.arange(seq_len)[None], sp_size, sp_rank, layout)[0]
+
+
+def window_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int | None,
+    scale: float | None = None,
+    doc_ids: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention with transformers' sliding window and gpt-oss sinks; returns (B, S, H, D).
+
+    Key j is visible to query i iff j <= i, i - j < ``window`` (None: no window) and, with
+    ``doc_ids``, both share a document id >= 0. ``sinks`` (H,): one extra logit per head in
+    every row's softmax whose value is zero. Rows with no visible key (and no sink) give 0.
+    """
+    heads, head_dim = q.shape[2], q.shape[3]
+    seq = q.shape[1]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, expand_kv_heads(k, heads),
+                                              expand_kv_heads(v, heads)))
+    i = torch.arange(seq).view(seq, 1)
+    j = torch.arange(seq).view(1, seq)
+    visible = (j <= i) & ((i - j < window) if window is not None else True)
+    visible = visible.view(1, seq, seq).expand(q.shape[0], seq, seq)
+    if doc_ids is not None:
+        visible = visible & (doc_ids[:, :, None] == doc_ids[:, None, :]) & (
+            doc_ids[:, None, :] >= 0)
+    scores = scale * (qt @ kt.transpose(-1, -2))
+    scores = scores.masked_fill(~visible[:, None], NEG_INF)
+    if sinks is not None:
+        col = sinks.view(1, heads, 1, 1).expand(q.shape[0], heads, seq, 1).to(scores.dtype)
+        scores = torch.cat([scores, col], dim=-1)
+    row_max = scores.amax(dim=-1, keepdim=True).detach()
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    weights = torch.exp(scores - row_max)
+    denom = weights.sum(dim=-1, keepdim=True)
+    denom = torch.where(denom > 0, denom, torch.ones_like(denom))
+    probs = weights / denom
+    if sinks is not None:
+        probs = probs[..., :-1]
+    return (probs @ vt).transpose(1, 2)

@@ -220,10 +220,6 @@ def _feature_and_error_cases(groups) -> None:
                  groups)
     local = SPDataCollator(cfg, groups).shard(make_batch("plain"))
 
-    windowed = tiny_model("mistral", sliding_window=4)
-    patch(windowed, cfg, groups)
-    expect_error(ValueError, "sliding_window", windowed, **local)
-
     model = tiny_model("llama")
     patch(model, cfg, groups)
     expect_error(ValueError, "position_ids", model, input_ids=local["input_ids"])

@@ -80,7 +80,7 @@ def test_bench_help_lists_subcommands(capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert all(f"  {name} " in out for name in COMMANDS) and set(COMMANDS) == {
-        "ring", "dilated", "e2e", "packed"}
+        "ring", "dilated", "e2e", "packed", "window"}
     with pytest.raises(SystemExit) as exit_:
         main(["no-such-benchmark"])
     assert exit_.value.code == 2

@@ -13,7 +13,11 @@ where the ops' top-left causal mask is the right one.
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+from ..schedule import VarlenSpec
 
 aten = torch.ops.aten
 
@@ -39,33 +43,86 @@ def _tokens_major(x: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-def varlen_forward(q, k, v, spec, *, causal, scale, bucket_size=None):
+def _window(band) -> dict:
+    """FlashAttention's window arguments for a sliding-window ``band`` (left, right|None);
+    {} without one. The ops' window is bottom-right aligned, the convention of the band."""
+    if band is None:
+        return {}
+    return dict(window_size_left=band[0], window_size_right=-1 if band[1] is None else band[1])
+
+
+def varlen_forward(q, k, v, spec, *, causal, scale, bucket_size=None, band=None):
     """FlashAttention-2 varlen: sequences laid end to end (``spec``: `schedule.VarlenSpec`).
 
     q (1, H, q_total, D), k/v (1, Hkv, k_total, D) (GQA read directly). Returns out
     (1, H, q_total, D) and lse (1, H, q_total) fp32. The op writes lse = +inf for rows whose
-    sequence has no key (padding gaps); the merge needs -inf there.
+    sequence has no key (padding gaps); the merge needs -inf there. ``band``: a sliding window
+    applied inside every sequence (`window.py`).
     """
     cu_q, cu_k = spec.cu_seqlens(q.device)
     out, lse = aten._flash_attention_forward(
         _tokens_major(q), _tokens_major(k), _tokens_major(v), cu_q, cu_k, spec.max_q,
-        spec.max_k, 0.0, causal, False, scale=scale)[:2]
+        spec.max_k, 0.0, causal, False, scale=scale, **_window(band))[:2]
     if spec.has_empty:
         lse = lse.masked_fill(lse == float("inf"), float("-inf"))
     return out.transpose(0, 1).unsqueeze(0), lse.unsqueeze(0)
 
 
 def varlen_backward(dout, q, k, v, out, lse, spec, *, causal, scale, bucket_size=None,
-                    delta=None):
+                    delta=None, band=None):
     """Gradients of `varlen_forward` given the MERGED out/lse. K/V grads keep Hkv heads."""
     cu_q, cu_k = spec.cu_seqlens(q.device)
     zero = torch.zeros((), dtype=torch.int64, device=q.device)
     dq, dk, dv = aten._flash_attention_backward(
         _tokens_major(dout), _tokens_major(q), _tokens_major(k), _tokens_major(v),
         _tokens_major(out), lse[0].contiguous(), cu_q, cu_k, spec.max_q, spec.max_k, 0.0, causal,
-        zero, zero, scale=scale)
+        zero, zero, scale=scale, **_window(band))
     return (dq.transpose(0, 1).unsqueeze(0), dk.transpose(0, 1).unsqueeze(0),
             dv.transpose(0, 1).unsqueeze(0))
+
+
+def _rows_major(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, n, D) -> (B*n, H, D): a view for the model's memory with B = 1, else a copy."""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b * n, h, d)
+
+
+def _batch_spec(q, k) -> VarlenSpec:
+    return _spec(q.shape[0], q.shape[2], k.shape[2])
+
+
+@functools.lru_cache(maxsize=64)
+def _spec(b: int, nq: int, nk: int) -> VarlenSpec:
+    """One spec per block shape: its offsets are copied to the device once, not per call."""
+    return VarlenSpec.of(((nq, nk),) * b)
+
+
+def band_forward(q, k, v, *, band, scale):
+    """A windowed block (every batch entry one sequence) on FlashAttention-2 with its window:
+    no element-wise mask. q (B, H, nq, D), k/v (B, Hkv, nk, D) -> out (B, H, nq, D), lse
+    (B, H, nq) fp32. cuDNN has no window, so windowed calls of both fused kernels run here."""
+    b, h, nq, d = q.shape
+    spec = _batch_spec(q, k)
+    cu_q, cu_k = spec.cu_seqlens(q.device)
+    out, lse = aten._flash_attention_forward(
+        _rows_major(q), _rows_major(k), _rows_major(v), cu_q, cu_k, spec.max_q, spec.max_k, 0.0,
+        False, False, scale=scale, **_window(band))[:2]
+    return out.view(b, nq, h, d).transpose(1, 2), lse.view(h, b, nq).transpose(0, 1)
+
+
+def band_backward(dout, q, k, v, out, lse, *, band, scale):
+    """Gradients of `band_forward` given the MERGED out/lse; dk/dv keep Hkv heads."""
+    b, h, nq, d = q.shape
+    spec = _batch_spec(q, k)
+    cu_q, cu_k = spec.cu_seqlens(q.device)
+    zero = torch.zeros((), dtype=torch.int64, device=q.device)
+    dq, dk, dv = aten._flash_attention_backward(
+        _rows_major(dout), _rows_major(q), _rows_major(k), _rows_major(v), _rows_major(out),
+        lse.transpose(0, 1).reshape(h, b * nq).contiguous(), cu_q, cu_k, spec.max_q, spec.max_k,
+        0.0, False, zero, zero, scale=scale, **_window(band))
+    nk, hkv = k.shape[2], k.shape[1]
+    return (dq.view(b, nq, h, d).transpose(1, 2), dk.view(b, nk, hkv, d).transpose(1, 2),
+            dv.view(b, nk, hkv, d).transpose(1, 2))
 
 
 class CudnnKernel:
@@ -79,7 +136,9 @@ class CudnnKernel:
     varlen_backward = staticmethod(varlen_backward)
 
     @staticmethod
-    def forward(q, k, v, *, causal, scale, q_doc=None, k_doc=None, bucket_size=None):
+    def forward(q, k, v, *, causal, scale, q_doc=None, k_doc=None, bucket_size=None, band=None):
+        if band is not None:
+            return band_forward(q, k, v, band=band, scale=scale)
         res = aten._scaled_dot_product_cudnn_attention(
             q, k, v, None, True, 0.0, causal, False, scale=scale
         )
@@ -87,7 +146,9 @@ class CudnnKernel:
 
     @staticmethod
     def backward(dout, q, k, v, out, lse, *, causal, scale, q_doc=None, k_doc=None,
-                 bucket_size=None, delta=None):
+                 bucket_size=None, delta=None, band=None):
+        if band is not None:
+            return band_backward(dout, q, k, v, out, lse, band=band, scale=scale)
         h, hkv = q.shape[1], k.shape[1]
         ke, ve = _expand_kv(k, h), _expand_kv(v, h)
         zero = torch.zeros((), dtype=torch.int64, device=q.device)
@@ -108,13 +169,17 @@ class FlashKernel:
     varlen_backward = staticmethod(varlen_backward)
 
     @staticmethod
-    def forward(q, k, v, *, causal, scale, q_doc=None, k_doc=None, bucket_size=None):
+    def forward(q, k, v, *, causal, scale, q_doc=None, k_doc=None, bucket_size=None, band=None):
+        if band is not None:
+            return band_forward(q, k, v, band=band, scale=scale)
         res = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
         return res[0], res[1]
 
     @staticmethod
     def backward(dout, q, k, v, out, lse, *, causal, scale, q_doc=None, k_doc=None,
-                 bucket_size=None, delta=None):
+                 bucket_size=None, delta=None, band=None):
+        if band is not None:
+            return band_backward(dout, q, k, v, out, lse, band=band, scale=scale)
         h, hkv = q.shape[1], k.shape[1]
         ke, ve = _expand_kv(k, h), _expand_kv(v, h)
         zero = torch.zeros((), dtype=torch.int64, device=q.device)

@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m seqpar_ring.bench {ring,dilated,e2e,packed} --help``.
+"""Benchmarks: ``python -m seqpar_ring.bench {ring,dilated,e2e,packed,window} --help``.
 
 Each prints a table, writes JSON and measures its reference in the same run. Launch multi-GPU
 runs with torchrun (``torchrun --nproc_per_node 2 -m seqpar_ring.bench ring``).
@@ -20,6 +20,8 @@ COMMANDS = {
                    "memory, ours vs DeepSpeed ALST"),
     "packed": ("packed", "padded and packed rows: attention vs FlexAttention, end to end vs "
                          "transformers' sdpa and flex_attention"),
+    "window": ("window", "sliding-window attention vs FlexAttention and our dense ring; 1.1B "
+                         "Mistral end to end vs transformers' flex_attention and sdpa"),
 }
 
 

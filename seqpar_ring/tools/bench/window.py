@@ -1,0 +1,208 @@
+"""Sliding-window attention: one layer against transformers' best path and our dense ring, and a
+1.1B Mistral shape end to end against transformers' flex_attention and sdpa — in one run.
+
+    python -m seqpar_ring.bench window --out window.json                # one GPU
+
+Attention (``--seq``, default 65,536 and 262,144 tokens; Mistral shape 32/8 heads x 128,
+``--window`` 4,096, bf16, causal, forward+backward, one row): ``ring_attention(window=W)``;
+FlexAttention (compiled, sliding-window block mask, GQA) — what transformers runs for
+``flex_attention``, its fastest windowed path on this image; SDPA with a boolean mask where the
+(S x S) mask fits (``--sdpa-max-seq``); and our dense ring (no window). Useful TFLOP/s count the
+visible (query, key) pairs only: sum_i min(i + 1, W) for the window, S(S+1)/2 dense — so the
+"vs dense" column compares how well each uses the GPU, not how much work it skips.
+
+End to end (``--e2e-seq``, default 32,768 and 65,536; MistralForCausalLM with hidden 2048,
+22 layers, 32/8 heads, intermediate 5632, vocab 32000, sliding_window 4096, random weights, bf16,
+gradient checkpointing, one row, forward+backward): ``patch`` (SP = 1) next to transformers'
+``flex_attention`` and ``sdpa``; tokens/s and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+
+import torch
+
+from .common import init_from_env, peak_gib, print_table, reset_peak, timeit, write_json
+
+H, HKV, D = 32, 8, 128
+
+
+def window_pairs(seq: int, window: int | None) -> int:
+    """Visible (query, key) pairs of causal attention with a sliding window (None: dense)."""
+    if window is None or window >= seq:
+        return seq * (seq + 1) // 2
+    return window * seq - window * (window - 1) // 2
+
+
+def useful_tflops(seq: int, window: int | None, seconds: float) -> float:
+    """Forward+backward = 3.5 x forward; forward = 4·D·H per visible pair."""
+    return 3.5 * 4.0 * window_pairs(seq, window) * H * D / seconds / 1e12
+
+
+def _inputs(seq: int, dev):
+    g = torch.Generator(device=dev).manual_seed(0)
+    return [torch.randn(1, seq, h, D, device=dev, dtype=torch.bfloat16, generator=g)
+            .requires_grad_(True) for h in (H, HKV, HKV)]
+
+
+def _ours(seq, window, dev, iters):
+    from seqpar_ring import ring_attention
+
+    q, k, v = _inputs(seq, dev)
+
+    def step():
+        out = ring_attention(q, k, v, None, causal=True, window=window)
+        out.backward(torch.ones_like(out))
+    return timeit(step, dev, warmup=2, iters=iters)
+
+
+def _flex(seq, window, dev, iters):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    flex = torch.compile(flex_attention, dynamic=False)
+
+    def mask(b, h, qi, ki):  # transformers' sliding_window_overlay on a causal mask
+        return (ki <= qi) & (ki > qi - window)
+
+    block = create_block_mask(mask, 1, None, seq, seq, device=dev)
+    q, k, v = (x.transpose(1, 2).detach().requires_grad_(True) for x in _inputs(seq, dev))
+
+    def step():
+        out = flex(q, k, v, block_mask=block, enable_gqa=True)
+        out.backward(torch.ones_like(out))
+    return timeit(step, dev, warmup=2, iters=iters)
+
+
+def _sdpa_mask(seq, window, dev, iters):
+    import torch.nn.functional as F
+
+    i = torch.arange(seq, device=dev)
+    mask = (i[None] <= i[:, None]) & (i[None] > i[:, None] - window)
+    q, k, v = (x.transpose(1, 2).detach().requires_grad_(True) for x in _inputs(seq, dev))
+
+    def step():
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        out.backward(torch.ones_like(out))
+    return timeit(step, dev, warmup=1, iters=iters)
+
+
+def attention_rows(a, dev) -> list[dict]:
+    rows = []
+    for seq in a.seq:
+        runs = [("ours (window)", a.window, _ours), ("ours dense ring", None, _ours),
+                ("flex_attention", a.window, _flex)]
+        if seq <= a.sdpa_max_seq:
+            runs.append(("sdpa + mask", a.window, _sdpa_mask))
+        res = {}
+        for name, window, fn in runs:
+            reset_peak(dev)
+            try:
+                t = fn(seq, window, dev, a.iters)
+                res[name] = useful_tflops(seq, window, t)
+                rows.append(dict(seq=seq, impl=name, window=window, ms=t * 1e3,
+                                 tflops=res[name], peak_gib=peak_gib(dev)))
+            except Exception as err:  # noqa: BLE001 - reported in the table (e.g. OOM)
+                rows.append(dict(seq=seq, impl=name, window=window, status=repr(err)[:80]))
+            gc.collect()
+            torch.cuda.empty_cache()
+        ours = res.get("ours (window)")
+        for row in rows:
+            if row["seq"] == seq and "tflops" in row and ours:
+                if res.get("ours dense ring"):
+                    row["vs_dense"] = row["tflops"] / res["ours dense ring"]
+                row["ours_vs_this"] = ours / row["tflops"]
+    return rows
+
+
+def build_mistral(attn: str, window: int):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
+                        num_key_value_heads=8, head_dim=128, intermediate_size=5632,
+                        vocab_size=32000, sliding_window=window, attention_dropout=0.0,
+                        max_position_embeddings=2**20, use_cache=False)
+    torch.manual_seed(0)
+    model = MistralForCausalLM._from_config(cfg, attn_implementation=attn, dtype=torch.bfloat16)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model.train()
+
+
+def e2e_rows(a, dev) -> list[dict]:
+    from seqpar_ring import SeqParConfig
+    from seqpar_ring.integrations.hf import SPDataCollator, patch
+
+    rows = []
+    for impl in ("seqpar_ring", "flex_attention", "sdpa"):
+        model = build_mistral("sdpa" if impl == "seqpar_ring" else impl, a.window).to(dev)
+        collate = None
+        if impl == "seqpar_ring":
+            cfg = SeqParConfig(sp_size=1)
+            patch(model, cfg)
+            collate = SPDataCollator(cfg)
+        for seq in a.e2e_seq:
+            g = torch.Generator().manual_seed(seq)
+            ids = torch.randint(1, 32000, (1, seq), generator=g)
+            batch = dict(input_ids=ids, labels=ids, position_ids=torch.arange(seq)[None])
+            if collate is not None:
+                batch = collate.shard(batch)
+            batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+            def step():
+                model.zero_grad(set_to_none=True)
+                model(**batch).loss.backward()
+            reset_peak(dev)
+            try:
+                t = timeit(step, dev, warmup=1, iters=a.iters)
+                rows.append(dict(impl=impl, seq=seq, tokens_per_s=seq / t, step_s=t,
+                                 peak_gib=peak_gib(dev)))
+            except Exception as err:  # noqa: BLE001 - reported in the table (e.g. OOM)
+                rows.append(dict(impl=impl, seq=seq, status=repr(err)[:80]))
+            gc.collect()
+            torch.cuda.empty_cache()
+        model = None
+        gc.collect()
+        torch.cuda.empty_cache()
+    for row in rows:
+        flex = next((r for r in rows if r["impl"] == "flex_attention" and r["seq"] == row["seq"]
+                     and "tokens_per_s" in r), None)
+        if flex and "tokens_per_s" in row:
+            row["vs_flex"] = row["tokens_per_s"] / flex["tokens_per_s"]
+            row["mem_vs_flex"] = row["peak_gib"] / flex["peak_gib"]
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m seqpar_ring.bench window", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seq", type=int, nargs="+", default=[65536, 262144])
+    ap.add_argument("--window", type=int, default=4096)
+    ap.add_argument("--sdpa-max-seq", type=int, default=65536,
+                    help="sdpa with a boolean (S x S) mask only up to this length")
+    ap.add_argument("--e2e-seq", type=int, nargs="+", default=[32768, 65536])
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--skip-attention", action="store_true")
+    ap.add_argument("--out", default="window.json")
+    a = ap.parse_args(argv)
+    _, world, dev = init_from_env()
+    if dev.type != "cuda" or world != 1:
+        raise SystemExit("bench window measures one GPU: run it without torchrun on a CUDA machine")
+    payload = {"args": vars(a)}
+    if not a.skip_attention:
+        rows = attention_rows(a, dev)
+        print_table(rows, ["seq", "impl", "window", "ms", "tflops", "vs_dense", "ours_vs_this",
+                           "peak_gib", "status"],
+                    f"one attention layer, {H}/{HKV} heads x {D}, W={a.window}, causal fwd+bwd, "
+                    "useful TFLOP/s")
+        payload["attention"] = rows
+    if not a.skip_e2e:
+        rows = e2e_rows(a, dev)
+        print_table(rows, ["impl", "seq", "tokens_per_s", "step_s", "peak_gib", "vs_flex",
+                           "mem_vs_flex", "status"],
+                    f"end to end, 1.1B Mistral shape (sliding_window {a.window}), bf16, "
+                    "checkpointing, one row, fwd+bwd")
+        payload["e2e"] = rows
+    write_json(a.out, payload)
