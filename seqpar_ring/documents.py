@@ -112,12 +112,14 @@ def plan_documents(
     chunks_of: Callable[[int], Chunks],
     causal: bool,
     min_dense: int = DENSE_MIN_TOKENS,
-    min_rows: int = FUSED_MIN_ROWS,
+    min_rows: int | None = None,
 ) -> DocPlan:
     """Plan rank ``me``'s calls against every origin's shard from the rows' document runs.
 
-    ``min_dense``: runs this long get dense calls; ``min_rows``: no dense call has fewer rows.
+    ``min_dense``: runs this long get dense calls; ``min_rows`` (default ``FUSED_MIN_ROWS``):
+    no dense call has fewer rows.
     """
+    min_rows = FUSED_MIN_ROWS if min_rows is None else min_rows
     if all(len(rr) == 1 and rr[0] == (0, seq_len) for rr in runs):
         return DocPlan(trivial=True)
     plan = DocPlan(trivial=False)
@@ -173,7 +175,7 @@ def documents_for(doc_ids: torch.Tensor, group, layout: str, causal: bool,
     """
     _, _, full, plans = _entry(doc_ids, group, layout)
     min_dense = DENSE_MIN_TOKENS if min_dense is None else min_dense
-    key = (layout, causal, tuple(origins), me, min_dense)
+    key = (layout, causal, tuple(origins), me, min_dense, FUSED_MIN_ROWS)
     if key not in plans:
         plans[key] = plan_documents(document_runs(full, causal), full.shape[1], origins, me,
                                     chunks_of, causal, min_dense)

@@ -99,7 +99,8 @@ def bench_seq(args, seq, group, dev, world, rank) -> list[dict]:
         kind = "fwd+bwd" if bwd else "fwd"
         flops = attention_flops(seq, heads, dim, causal=True, backward=bwd)
         # 1) one GPU, whole sequence, each SDPA backend (every rank runs it on its own GPU)
-        for kvh in (heads, args.gqa_kv_heads):
+        # (not with ranks sharing a GPU: each would run the whole row on the same GPU at once)
+        for kvh in (heads, args.gqa_kv_heads) if not SHARED else ():
             for name, backend in BACKENDS.items():
                 reset_peak(dev)
                 try:
