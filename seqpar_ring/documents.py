@@ -22,9 +22,9 @@ Rules (S tokens per row, every id one contiguous run):
   a dense call of its own (see below).
 - **Off-diagonal pair**: two disjoint contiguous ranges share at most one document — it must
   cover everything between them — so the pair is one dense, non-causal rectangle, or nothing.
-- **Tiny calls**: a call with fewer than ``FUSED_MIN_ROWS`` query or key rows runs as a varlen
-  call of one sequence (segmented ones: one sequence per segment), so documents of any length
-  — 1-token ones included, anywhere in a row — run on kernels that accept them.
+- **Tiny calls** (fused kernels): a call with fewer than ``FUSED_MIN_ROWS`` Q or K/V rows is a
+  varlen call of one sequence (segmented ones: one sequence per segment), so documents of any
+  length — 1-token ones included, anywhere in a row — run on kernels that accept them.
 
 The calls of one pair touch disjoint query rows and disjoint key rows (`DocPlan.disjoint`), so a
 pass that stays on one rank assembles its result by copying, with no log-sum-exp merge.
@@ -166,19 +166,21 @@ def single_document(doc_ids: torch.Tensor, group, layout: str, causal: bool) -> 
 @torch.compiler.disable  # host work once per batch: outside any compiled graph
 def documents_for(doc_ids: torch.Tensor, group, layout: str, causal: bool,
                   origins: Sequence[int], me: int, chunks_of: Callable[[int], Chunks],
-                  min_dense: int | None = None) -> DocPlan:
+                  min_dense: int | None = None, min_rows: int | None = None) -> DocPlan:
     """The `DocPlan` of this rank for ``doc_ids`` (batch, seq_local), this rank's shard.
 
+    ``min_rows``: see `plan_documents` (1 for the torch kernel, which takes any shape).
     The first call for a tensor all-gathers the ids over ``group`` (every rank of the group
     makes the same calls with the same tensors, so all of them gather together) and plans on
     the host; later calls with the same, unmodified tensor return the cached plan.
     """
     _, _, full, plans = _entry(doc_ids, group, layout)
     min_dense = DENSE_MIN_TOKENS if min_dense is None else min_dense
-    key = (layout, causal, tuple(origins), me, min_dense, FUSED_MIN_ROWS)
+    min_rows = FUSED_MIN_ROWS if min_rows is None else min_rows
+    key = (layout, causal, tuple(origins), me, min_dense, min_rows)
     if key not in plans:
         plans[key] = plan_documents(document_runs(full, causal), full.shape[1], origins, me,
-                                    chunks_of, causal, min_dense)
+                                    chunks_of, causal, min_dense, min_rows)
     return plans[key]
 
 

@@ -351,7 +351,8 @@ def ring_attention(
     origins = [(me - s) % p for s in range(p)]
     docs = None
     if doc_ids is not None:
-        docs = documents_for(doc_ids, group, layout, causal, origins, me, chunks_of)
+        docs = documents_for(doc_ids, group, layout, causal, origins, me, chunks_of,
+                             min_rows=1 if chosen[0].name == "torch" else None)  # any shape
     ps = RingPass(
         ring=C.RingComm(group, timeout_s=timeout_s) if p > 1 and comm == "ring" else None,
         origins=origins, chunks_of=chunks_of, me=me, causal=causal, kernel=chosen[0],
