@@ -30,7 +30,7 @@ def random_lengths(rng: random.Random, seq: int, longest: int = 5000) -> list[in
     out, left = [], seq
     while left:
         n = min(left, rng.choice([1, 1, 2, 3, rng.randint(1, 64), rng.randint(1, longest),
-                                  rng.randint(1000, longest)]))
+                                  rng.randint(min(1000, longest), longest)]))
         out.append(-n if rng.random() < 0.15 else n)
         left -= n
     return out
