@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 out="${OUT:-runs/gpu_shared}"
 mkdir -p "$out"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
-python -m pip install -q --no-deps -e . >/dev/null 2>&1 || true
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this tree, not an installed copy
 if ls shared/wheels/*.whl >/dev/null 2>&1; then
     python -m pip install -q --no-index --find-links shared/wheels deepspeed >/dev/null 2>&1 \
         || echo "deepspeed wheels did not install: the DeepSpeed tests will skip"
