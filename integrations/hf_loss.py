@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from seqpar_ring import comm as C
 from seqpar_ring.groups import SPGroups
 from seqpar_ring.loss import sp_cross_entropy
 
@@ -60,7 +61,7 @@ class SPCausalLMLoss:
             return mean
         count = (shift_labels != ignore_index).sum().double()
         if group is not None:
-            dist.all_reduce(count, group=group)
+            C.all_reduce(count, group, what="label count all-reduce")  # staged on gloo+CUDA
         total = torch.as_tensor(num_items_in_batch, dtype=torch.float64, device=count.device)
         return mean * (count / (p * total)).float()
 

@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from . import comm as C
+from . import stage
 from .agreement import AgreementError, agree, collect_error
 
 __all__ = ["check_inputs", "shape_rules"]
@@ -55,6 +56,11 @@ def check_inputs(q, k, v, group, *, what: str, settings: Mapping[str, Any] | Non
     """
     def rules():
         shape_rules(q, k, v)
+        # NCCL with CPU tensors: raise here, with the fix, not as a hang in the first exchange
+        # (gloo with CUDA tensors is staged through the host by the transport: no error).
+        why = stage.carry_error(group, q.device)
+        if why is not None:
+            raise ValueError(why)
         if local is not None:
             local()
 

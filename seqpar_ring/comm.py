@@ -9,6 +9,9 @@ Agreement of shapes and settings before any traffic lives in `seqpar_ring.agreem
 ``comm_stats`` counts the bytes this process sent through the ring (a test proves dilated mode
 sends ~1/r of dense mode's bytes with it). To trace every send/recv, set
 ``logging.getLogger("seqpar_ring.comm").setLevel(logging.DEBUG)``.
+
+Every function here takes CUDA tensors on a gloo group too (ranks that share one GPU): they are
+staged through pinned host buffers (`seqpar_ring.stage`), invisibly to the caller.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
+
+from . import stage
 
 log = logging.getLogger("seqpar_ring.comm")
 
@@ -73,23 +78,53 @@ class RingComm:
         self.timeout = timedelta(seconds=timeout_s)
 
     def post(self, send: Sequence[torch.Tensor], recv: Sequence[torch.Tensor], tag: int = 0):
-        """Start sending ``send`` to the next member and receiving ``recv`` from the previous."""
+        """Start sending ``send`` to the next member and receiving ``recv`` from the previous.
+
+        ``recv`` holds the data only after `wait`; ``send`` may be reused once this returns
+        when staged (it was copied to the host), after `wait` otherwise.
+        """
+        staged = bool(send) and stage.needs_stage(self.group, send[0])
+        wire_send, wire_recv = list(send), list(recv)
+        if staged:  # D2H, wait for the copies, then gloo sends/receives host memory
+            wire_send = [stage.to_host(s) for s in send]
+            wire_recv = [stage.host_like(r) for r in recv]
+            stage.ready(*send)
         ops = []
         for i, (s, r) in enumerate(zip(send, recv)):
-            ops.append(dist.P2POp(dist.isend, s, self.next, self.group, tag + i))
-            ops.append(dist.P2POp(dist.irecv, r, self.prev, self.group, tag + i))
+            ops.append(dist.P2POp(dist.isend, wire_send[i], self.next, self.group, tag + i))
+            ops.append(dist.P2POp(dist.irecv, wire_recv[i], self.prev, self.group, tag + i))
             comm_stats.bytes_sent += s.numel() * s.element_size()
             comm_stats.messages += 1
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("send %s %s -> %d, recv <- %d", tuple(s.shape), s.dtype, self.next,
                           self.prev)
-        return dist.batch_isend_irecv(ops)
+        works = dist.batch_isend_irecv(ops)
+        if staged:  # the host buffers live until wait() copies what arrived back
+            return _Staged(works, list(zip(recv, wire_recv)), wire_send)
+        return works
 
     def wait(self, works) -> None:
         what = (f"ring exchange (send to rank {self.next}, receive from rank {self.prev}) — "
                 "a peer that stopped before this step (an error, a skipped backward) never sends")
-        for w in works or ():
-            wait(w, self.timeout.total_seconds(), what, self.group)
+        _wait_all(works, self.timeout.total_seconds(), what, self.group)
+
+
+class _Staged(list):
+    """Works of a staged exchange, with the (device buffer, host buffer) pairs to fill on wait
+    and the host copies being sent (kept alive until the sends complete)."""
+
+    def __init__(self, works, pairs, keep):
+        super().__init__(works or ())
+        self.pairs, self.keep = pairs, keep
+
+
+def _wait_all(works, timeout_s: float, what: str, group) -> None:
+    """Wait for every work (bounded); a staged exchange then copies its receives to the device."""
+    for w in works or ():
+        wait(w, timeout_s, what, group)
+    if isinstance(works, _Staged):
+        for dst, host in works.pairs:
+            stage.back(dst, host)
 
 
 def _is_nccl(group) -> bool:
@@ -129,27 +164,30 @@ def exchange(group, sends, recvs, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     between one pair of ranks are matched in the order given (and by tag where supported), so
     both sides must list them in the same order.
     """
+    for t, _, _ in sends:
+        comm_stats.bytes_sent += t.numel() * t.element_size()
+        comm_stats.messages += 1
+    if not sends and not recvs:
+        return
+    first = (sends or recvs)[0][0]
+    pairs = []
+    if stage.needs_stage(group, first):  # host copies of the sends; receive into host buffers
+        sends = [(stage.to_host(t), r, tag) for t, r, tag in sends]
+        pairs = [(t, stage.host_like(t)) for t, _, _ in recvs]
+        recvs = [(h, r, tag) for (_, h), (_, r, tag) in zip(pairs, recvs)]
+        stage.ready(first)
     ops = [dist.P2POp(dist.isend, t, dist.get_global_rank(group, r), group, tag)
            for t, r, tag in sends]
     ops += [dist.P2POp(dist.irecv, t, dist.get_global_rank(group, r), group, tag)
             for t, r, tag in recvs]
-    for t, _, _ in sends:
-        comm_stats.bytes_sent += t.numel() * t.element_size()
-        comm_stats.messages += 1
-    if not ops:
-        return
-    for w in dist.batch_isend_irecv(ops):
-        wait(w, timeout_s, "point-to-point exchange (dilated sub-ring re-deal)", group)
+    works = _Staged(dist.batch_isend_irecv(ops), pairs, sends)
+    _wait_all(works, timeout_s, "point-to-point exchange (dilated sub-ring re-deal)", group)
 
 
 def all_gather_kv(x: torch.Tensor, group, timeout_s: float = DEFAULT_TIMEOUT_S) -> torch.Tensor:
     """All-gather a contiguous tensor over ``group``: returns (p, *x.shape) in group-rank order."""
     p = dist.get_world_size(group)
-    # gloo wants a flat (p * numel) output; NCCL takes either: use the flat form for both.
-    out = torch.empty(p * x.numel(), dtype=x.dtype, device=x.device)
-    wait(_all_gather_single(out, x.contiguous().view(-1), group=group, async_op=True), timeout_s,
-         "K/V all-gather", group)
-    out = out.view(p, *x.shape)
+    out = all_gather_flat(x, group, timeout_s, "K/V all-gather").view(p, *x.shape)
     comm_stats.bytes_sent += x.numel() * x.element_size() * (p - 1)
     comm_stats.messages += 1
     return out
@@ -160,19 +198,51 @@ def reduce_scatter_kv(x: torch.Tensor, group, timeout_s: float = DEFAULT_TIMEOUT
     """Sum (p, *shape) over ``group`` and return this rank's (*shape) slice."""
     p = dist.get_world_size(group)
     out = torch.empty(x[0].numel(), dtype=x.dtype, device=x.device)
-    wait(_reduce_scatter_single(out, x.contiguous().view(-1), group=group, async_op=True),
-         timeout_s, "dK/dV reduce-scatter", group)
-    out = out.view(x.shape[1:])
+
+    def run(o, i):
+        wait(_reduce_scatter_single(o, i, group=group, async_op=True), timeout_s,
+             "dK/dV reduce-scatter", group)
+
+    out = stage.collective(group, out, x.contiguous().view(-1), run).view(x.shape[1:])
     comm_stats.bytes_sent += out.numel() * out.element_size() * (p - 1)
     comm_stats.messages += 1
     return out
 
 
+def all_gather_flat(x: torch.Tensor, group, timeout_s: float, what: str) -> torch.Tensor:
+    """All-gather ``x`` over ``group`` into a flat (p * numel,) tensor in group-rank order.
+
+    Not counted in `comm_stats` (callers that move attention data count their own bytes).
+    """
+    x = x.contiguous().view(-1)
+    # gloo wants a flat (p * numel) output; NCCL takes either: use the flat form for both.
+    out = torch.empty(group_size(group) * x.numel(), dtype=x.dtype, device=x.device)
+
+    def run(o, i):
+        wait(_all_gather_single(o, i, group=group, async_op=True), timeout_s, what, group)
+
+    return stage.collective(group, out, x, run)
+
+
 def all_gather_small(x: torch.Tensor, group, timeout_s: float, what: str) -> torch.Tensor:
     """All-gather a small 1-D tensor (metadata) and return it on the host: (p * numel,)."""
-    out = torch.empty(group_size(group) * x.numel(), dtype=x.dtype, device=x.device)
-    wait(_all_gather_single(out, x, group=group, async_op=True), timeout_s, what, group)
-    return out.cpu()
+    return all_gather_flat(x, group, timeout_s, what).cpu()
+
+
+def all_reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM,
+               timeout_s: float = DEFAULT_TIMEOUT_S, what: str = "all-reduce") -> torch.Tensor:
+    """In-place all-reduce of ``x`` over ``group`` (bounded wait, staged when needed)."""
+    flat = x.contiguous().view(-1)
+
+    def run(o, i):
+        if o is not i:
+            o.copy_(i)
+        wait(dist.all_reduce(o, op=op, group=group, async_op=True), timeout_s, what, group)
+
+    out = stage.collective(group, flat, flat, run)
+    if out.data_ptr() != x.data_ptr():
+        x.copy_(out.view_as(x))
+    return x
 
 
 def comm_device(group) -> torch.device:

@@ -5,7 +5,8 @@ to group rank j and returns the blocks received, block j from group rank j. A pe
 arrives fails the job instead of hanging it: on gloo every wait has ``timeout_s``; on NCCL the
 wait is stream-ordered (the CPU keeps queueing kernels) and the process group's own timeout
 (its watchdog) ends a stuck collective — a ``Work.wait(timeout)`` there would block the CPU
-until the all-to-all finishes, a host sync on every attention call.
+until the all-to-all finishes, a host sync on every attention call. CUDA tensors on a gloo group
+(ranks sharing one GPU) are staged through pinned host buffers (`seqpar_ring.stage`).
 
 Bytes are added to `seqpar_ring.comm.comm_stats` (the process total) and to
 ``a2a_stats`` (this transport only; ``replicated_bytes`` counts K/V heads the Ulysses layer
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from . import comm as C
+from . import stage
 
 __all__ = ["A2AStats", "a2a_stats", "all_to_all", "all_gather"]
 
@@ -77,10 +79,13 @@ def all_to_all(send: torch.Tensor, group, timeout_s: float = C.DEFAULT_TIMEOUT_S
     if not send.is_contiguous():
         raise ValueError("all_to_all: the send buffer must be contiguous")
     recv = torch.empty_like(send)
-    work = dist.all_to_all_single(recv, send, group=group, async_op=True)
+
+    def run(o, i):
+        _wait(dist.all_to_all_single(o, i, group=group, async_op=True), timeout_s,
+              "Ulysses all-to-all", group)
+
     _count(send.numel() * send.element_size() * (u - 1) // u)
-    _wait(work, timeout_s, "Ulysses all-to-all", group)
-    return recv
+    return stage.collective(group, recv, send, run)
 
 
 def all_gather(x: torch.Tensor, group, timeout_s: float = C.DEFAULT_TIMEOUT_S) -> torch.Tensor:
@@ -90,7 +95,10 @@ def all_gather(x: torch.Tensor, group, timeout_s: float = C.DEFAULT_TIMEOUT_S) -
         return x.unsqueeze(0)
     x = x.contiguous()
     out = torch.empty(u * x.numel(), dtype=x.dtype, device=x.device)
-    work = C._all_gather_single(out, x.view(-1), group=group, async_op=True)
+
+    def run(o, i):
+        _wait(C._all_gather_single(o, i, group=group, async_op=True), timeout_s,
+              "Ulysses all-gather", group)
+
     _count(x.numel() * x.element_size() * (u - 1))
-    _wait(work, timeout_s, "Ulysses all-gather", group)
-    return out.view(u, *x.shape)
+    return stage.collective(group, out, x.view(-1), run).view(u, *x.shape)

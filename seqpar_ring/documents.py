@@ -18,9 +18,13 @@ Rules (S tokens per row, every id one contiguous run):
 - **Diagonal pair** (a chunk with itself): block-diagonal attention over the runs in the chunk.
   Runs of at least ``min_dense`` tokens get dense calls (a view of the rows; consecutive runs of
   equal length are batched as one segmented call); shorter runs between them share one varlen
-  call whose padding gaps are empty sequences.
+  call whose padding gaps are empty sequences. A run shorter than ``FUSED_MIN_ROWS`` never gets
+  a dense call of its own (see below).
 - **Off-diagonal pair**: two disjoint contiguous ranges share at most one document — it must
   cover everything between them — so the pair is one dense, non-causal rectangle, or nothing.
+- **Tiny calls** (fused kernels): a call with fewer than ``FUSED_MIN_ROWS`` Q or K/V rows is a
+  varlen call of one sequence (segmented ones: one sequence per segment), so documents of any
+  length — 1-token ones included, anywhere in a row — run on kernels that accept them.
 
 The calls of one pair touch disjoint query rows and disjoint key rows (`DocPlan.disjoint`), so a
 pass that stays on one rank assembles its result by copying, with no log-sum-exp merge.
@@ -39,12 +43,17 @@ from .layout import gather
 from .schedule import BlockCall, Chunks, VarlenSpec
 
 __all__ = ["DocPlan", "document_runs", "plan_documents", "documents_for", "single_document",
-           "DENSE_MIN_TOKENS"]
+           "DENSE_MIN_TOKENS", "FUSED_MIN_ROWS"]
 
 # Runs at least this long get their own dense fused call; shorter ones share a varlen call.
 # Dense calls run on cuDNN (~1.6x the flash varlen kernel on an H200); a call's fixed cost only
 # pays for itself on runs of a few hundred tokens and more.
 DENSE_MIN_TOKENS = 1024
+# A dense or segmented call needs at least this many rows on each side; a smaller one (a short
+# document alone between long ones, a document's sliver on a chunk edge) becomes a one-sequence
+# varlen call. cuDNN rejects s_q = s_kv = 1 ("cuDNN Frontend error") and crashed on other tiny
+# shapes; FlashAttention-2 varlen takes any length, and such calls cost next to nothing.
+FUSED_MIN_ROWS = 64
 
 Run = tuple[int, int]  # [start, end) global positions of one document in one row
 
@@ -103,13 +112,20 @@ def plan_documents(
     chunks_of: Callable[[int], Chunks],
     causal: bool,
     min_dense: int = DENSE_MIN_TOKENS,
+    min_rows: int | None = None,
 ) -> DocPlan:
-    """Plan rank ``me``'s calls against every origin's shard from the rows' document runs."""
+    """Plan rank ``me``'s calls against every origin's shard from the rows' document runs.
+
+    ``min_dense``: runs this long get dense calls; ``min_rows`` (default ``FUSED_MIN_ROWS``):
+    no dense call has fewer rows.
+    """
+    min_rows = FUSED_MIN_ROWS if min_rows is None else min_rows
     if all(len(rr) == 1 and rr[0] == (0, seq_len) for rr in runs):
         return DocPlan(trivial=True)
     plan = DocPlan(trivial=False)
     for origin in origins:
-        per_row = [_pair_calls(rr, chunks_of(me), chunks_of(origin), causal, min_dense)
+        per_row = [[_small_to_varlen(c, min_rows) for c in
+                    _pair_calls(rr, chunks_of(me), chunks_of(origin), causal, min_dense)]
                    for rr in runs]
         plan.disjoint &= all(_disjoint(cs) for cs in per_row)
         if all(c == per_row[0] for c in per_row[1:]):
@@ -150,19 +166,21 @@ def single_document(doc_ids: torch.Tensor, group, layout: str, causal: bool) -> 
 @torch.compiler.disable  # host work once per batch: outside any compiled graph
 def documents_for(doc_ids: torch.Tensor, group, layout: str, causal: bool,
                   origins: Sequence[int], me: int, chunks_of: Callable[[int], Chunks],
-                  min_dense: int | None = None) -> DocPlan:
+                  min_dense: int | None = None, min_rows: int | None = None) -> DocPlan:
     """The `DocPlan` of this rank for ``doc_ids`` (batch, seq_local), this rank's shard.
 
+    ``min_rows``: see `plan_documents` (1 for the torch kernel, which takes any shape).
     The first call for a tensor all-gathers the ids over ``group`` (every rank of the group
     makes the same calls with the same tensors, so all of them gather together) and plans on
     the host; later calls with the same, unmodified tensor return the cached plan.
     """
     _, _, full, plans = _entry(doc_ids, group, layout)
     min_dense = DENSE_MIN_TOKENS if min_dense is None else min_dense
-    key = (layout, causal, tuple(origins), me, min_dense)
+    min_rows = FUSED_MIN_ROWS if min_rows is None else min_rows
+    key = (layout, causal, tuple(origins), me, min_dense, min_rows)
     if key not in plans:
         plans[key] = plan_documents(document_runs(full, causal), full.shape[1], origins, me,
-                                    chunks_of, causal, min_dense)
+                                    chunks_of, causal, min_dense, min_rows)
     return plans[key]
 
 
@@ -199,6 +217,21 @@ def _pair_calls(runs: Sequence[Run], q_chunks: Chunks, k_chunks: Chunks, causal:
             ka, kb = max(run[0], ks), min(run[1], ks + n)
             calls.append((qa + q_off, qb + q_off, ka + k_off, kb + k_off, False, None, None))
     return calls
+
+
+def _small_to_varlen(c: _RowCall, min_rows: int) -> _RowCall:
+    """A dense call with fewer than ``min_rows`` Q or K/V rows (or a segmented one with shorter
+    segments) as the equivalent varlen call: same rows, same visible pairs."""
+    qa, qb, ka, kb, causal, window, seqs = c
+    if seqs is not None:
+        return c
+    if window is not None:
+        if window >= min_rows:
+            return c
+        return (qa, qb, ka, kb, causal, None, ((window, window),) * ((qb - qa) // window))
+    if min(qb - qa, kb - ka) >= min_rows:
+        return c
+    return (qa, qb, ka, kb, causal, None, ((qb - qa, kb - ka),))
 
 
 def _disjoint(calls: list[_RowCall]) -> bool:

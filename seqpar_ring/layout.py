@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .comm import DEFAULT_TIMEOUT_S, all_gather_flat
 from .config import LAYOUTS
 
 __all__ = [
@@ -169,9 +170,9 @@ def gather(
     if group is None or dist.get_world_size(group) == 1:
         return x_local
     x = x_local.detach().contiguous()
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x, group=group)
-    return unshard(parts, layout, dim=dim, ulysses_size=ulysses_size)
+    p = dist.get_world_size(group)
+    parts = all_gather_flat(x, group, DEFAULT_TIMEOUT_S, "layout.gather").view(p, *x.shape)
+    return unshard(list(parts.unbind(0)), layout, dim=dim, ulysses_size=ulysses_size)
 
 
 def doc_ids_from_positions(position_ids: Tensor, attention_mask: Tensor | None = None

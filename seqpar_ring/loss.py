@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import comm as C
+
 __all__ = ["sp_cross_entropy"]
 
 
@@ -36,7 +38,7 @@ class _SPCrossEntropy(torch.autograd.Function):
         # float64 keeps the count exact beyond 2**24 tokens and the sum free of rounding drift
         stats = torch.stack([tok_loss.sum().double(), valid.sum().double()])
         if group is not None and dist.get_world_size(group) > 1:
-            dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+            C.all_reduce(stats, group, what="loss statistics all-reduce")
         count = stats[1].clamp(min=1.0)  # no valid label anywhere: loss 0, gradient 0
         ctx.save_for_backward(logits, safe_y, valid, lse, count)
         return (stats[0] / count).to(x.dtype)

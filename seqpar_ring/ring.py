@@ -402,7 +402,8 @@ def ring_attention(
     origins = [(me - s) % p for s in range(p)]
     docs = None
     if doc_ids is not None:
-        docs = documents_for(doc_ids, group, layout, causal, origins, me, chunks_of)
+        docs = documents_for(doc_ids, group, layout, causal, origins, me, chunks_of,
+                             min_rows=1 if chosen[0].name == "torch" else None)  # any shape
     docs = None if docs is None or docs.trivial else docs
     wplan = None
     if window is not None:

@@ -26,6 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import comm as C
+
 __all__ = ["tiled_lm_loss", "default_tile_size", "TiledLMHead"]
 
 # Elements of one tile's logits: 2**26 fp32 = 256 MiB, so a tile's working set (logits in the
@@ -73,7 +75,7 @@ class _TiledLMLoss(torch.autograd.Function):
         # float64 keeps the count exact beyond 2**24 tokens and the sum free of rounding drift
         stats = torch.stack([total, valid.sum().double()])
         if _group_size(group) > 1:
-            dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+            C.all_reduce(stats, group, what="tiled loss statistics all-reduce")
         count = stats[1] if num_items is None else torch.as_tensor(
             num_items, dtype=torch.float64, device=x.device).reshape(())
         count = count.clamp(min=1.0)  # no valid label anywhere: loss 0, gradient 0

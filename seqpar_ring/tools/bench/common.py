@@ -13,6 +13,19 @@ import torch
 import torch.distributed as dist
 
 
+# Set by init_from_env when ranks share GPUs: {"ranks": per host, "gpus": per host}.
+SHARED: dict[str, int] = {}
+
+
+def shared_note() -> str:
+    """The table header's warning when ranks share GPUs ('' otherwise)."""
+    if not SHARED:
+        return ""
+    return (f"{SHARED['ranks']} ranks share {SHARED['gpus']} GPU(s) (gloo, host-staged "
+            "exchange): not multi-GPU figures; '/rank' columns = time / ranks per GPU, the "
+            "GPU time one rank's share of the work takes")
+
+
 def init_from_env(*, single_process_group: bool = False) -> tuple[int, int, torch.device]:
     """Join the process group torchrun/deepspeed set up in the environment (or run alone).
 
@@ -33,7 +46,14 @@ def init_from_env(*, single_process_group: bool = False) -> tuple[int, int, torc
     if (world > 1 or single_process_group) and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            per_host = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+            if per_host > torch.cuda.device_count():
+                # more ranks than GPUs: NCCL refuses two ranks on one GPU; gloo runs them, the
+                # transport stages CUDA tensors through host memory (seqpar_ring.stage)
+                backend = "gloo"
+                SHARED.update(ranks=per_host, gpus=torch.cuda.device_count())
+            torch.cuda.set_device(local % torch.cuda.device_count())
         dist.init_process_group(backend, timeout=timedelta(minutes=10))
     rank = dist.get_rank() if dist.is_initialized() else 0
     cuda = torch.cuda.is_available()
@@ -89,6 +109,13 @@ def print_table(rows: list[dict], columns: list[str], title: str = "") -> str:
             return f"{v:,.1f}" if abs(v) >= 10 else f"{v:.3f}"
         return "-" if v is None else str(v)
 
+    if SHARED:  # time columns also per rank: one GPU runs every rank's kernels in turn
+        share = SHARED["ranks"] / SHARED["gpus"]
+        timed = [c for c in columns if c in ("ms", "step_s") or c.endswith("_ms")]
+        rows = [dict(r, **{f"{c}/rank": r[c] / share for c in timed
+                           if isinstance(r.get(c), (int, float))}) for r in rows]
+        columns = [x for c in columns for x in ((c, f"{c}/rank") if c in timed else (c,))]
+        title = shared_note() + ("\n" + title if title else "")
     cells = [[fmt(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c)
               for i, c in enumerate(columns)]
@@ -106,6 +133,7 @@ def write_json(path: str, payload: dict) -> None:
     meta = {"torch": torch.__version__,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            "shared_gpu": shared_note() or None,
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     with open(path, "w") as f:
         json.dump({"meta": meta, **payload}, f, indent=1)

@@ -25,6 +25,8 @@ import random
 import torch
 import torch.distributed as dist
 
+from seqpar_ring import documents
+
 from .common import init_from_env, peak_gib, print_table, reset_peak, timeit, write_json
 
 H, HKV, D = 32, 8, 128
@@ -211,7 +213,12 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-e2e", action="store_true", help="attention rows only")
     ap.add_argument("--skip-attention", action="store_true", help="end-to-end rows only")
     ap.add_argument("--out", default="packed.json", help="JSON file to write")
+    ap.add_argument("--fused-min-rows", type=int, default=None,
+                    help="override seqpar_ring.documents.FUSED_MIN_ROWS (1 = no tiny call "
+                    "rerouted to varlen: the plan before 1-token documents were fixed)")
     a = ap.parse_args(argv)
+    if a.fused_min_rows is not None:
+        documents.FUSED_MIN_ROWS = a.fused_min_rows
     rank, world, dev = init_from_env()
     if dev.type != "cuda":
         raise SystemExit("bench packed measures the fused GPU kernels: run it on a CUDA machine")
@@ -224,7 +231,8 @@ def main(argv=None) -> None:
             cols += ["ours_sp_ms", "ours_sp_tflops_per_gpu", "sp_efficiency"]
         if rank == 0:
             print_table(rows, cols, f"attention only, S={a.seq}, {H}/{HKV} heads x {D}, causal "
-                        f"fwd+bwd, useful TFLOP/s, world={world}")
+                        f"fwd+bwd, useful TFLOP/s, world={world}, fused_min_rows="
+                        f"{documents.FUSED_MIN_ROWS}")
         payload["attention"] = rows
     if not a.skip_e2e and rank == 0:
         rows = e2e_rows(a.e2e_seq, dev)

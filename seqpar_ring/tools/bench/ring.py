@@ -25,8 +25,8 @@ from seqpar_ring.layout import shard
 from seqpar_ring.ring import ring_attention
 
 from . import ring_hybrid
-from .common import (attention_flops, init_from_env, peak_gib, print_table, reset_peak, timeit,
-                     write_json)
+from .common import (SHARED, attention_flops, init_from_env, peak_gib, print_table, reset_peak,
+                     timeit, write_json)
 
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
 
@@ -99,7 +99,8 @@ def bench_seq(args, seq, group, dev, world, rank) -> list[dict]:
         kind = "fwd+bwd" if bwd else "fwd"
         flops = attention_flops(seq, heads, dim, causal=True, backward=bwd)
         # 1) one GPU, whole sequence, each SDPA backend (every rank runs it on its own GPU)
-        for kvh in (heads, args.gqa_kv_heads):
+        # (not with ranks sharing a GPU: each would run the whole row on the same GPU at once)
+        for kvh in (heads, args.gqa_kv_heads) if not SHARED else ():
             for name, backend in BACKENDS.items():
                 reset_peak(dev)
                 try:
@@ -221,6 +222,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     rank, world, dev = init_from_env()
     args.hybrid_sizes = ring_hybrid.sizes(args.ulysses_sizes, world, args.heads)
+    if SHARED:  # torch's context_parallel runs on NCCL only: not on ranks sharing a GPU
+        args.torch_cp = False
     group = dist.group.WORLD if world > 1 else None
     result: dict = {"args": vars(args)}
     if not args.skip_check:

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# GPU checks with ranks sharing one GPU (docs/shared-gpu.md). One stage per call, each well
+# under 10 minutes on one H200; outputs go to $OUT (or ./runs/gpu_shared).
+#   bash .ci/gpu_shared.sh attention   # gpu suite: multi-rank attention + documents at world 1
+#   bash .ci/gpu_shared.sh models      # gpu suite: HF + DeepSpeed adapters, kernel tests
+#   bash .ci/gpu_shared.sh bench-packed  # bench packed (before/after the tiny-call fix) + e2e
+#   bash .ci/gpu_shared.sh bench-ring    # bench ring at 64K and 256K, 2 and 4 ranks on 1 GPU
+# DeepSpeed is installed from wheels under shared/wheels when present (the GPU image has none).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-runs/gpu_shared}"
+mkdir -p "$out"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this tree, not an installed copy
+if ls shared/wheels/*.whl >/dev/null 2>&1; then
+    python -m pip install -q --no-index --find-links shared/wheels deepspeed >/dev/null 2>&1 \
+        || echo "deepspeed wheels did not install: the DeepSpeed tests will skip"
+fi
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+
+run_suite() {  # files...
+    local t0=$SECONDS
+    python -m pytest -q -s -m gpu -p no:cacheprovider --durations=20 "$@" 2>&1 \
+        | tee "$out/gpu_suite_$1.log" | grep -E "GPU-ERR|passed|failed|skipped|Error|error|slowest|s call" 
+    echo "wall time of this part: $((SECONDS - t0)) s"
+}
+
+case "${1:-}" in
+attention)
+    run_suite tests/test_gpu_multirank.py tests/test_gpu_documents.py
+    ;;
+models)
+    run_suite tests/test_gpu_models.py tests/test_gpu.py
+    ;;
+bench-packed)
+    # before / after the tiny-call fix on the packed rows (one process), then 2 and 4 ranks
+    for rows in 1 64; do
+        timeout 150 python -m seqpar_ring.bench packed --skip-e2e --fused-min-rows "$rows" \
+            --out "$out/packed_w1_minrows$rows.json" 2>&1 | tail -8
+    done
+    for n in 2 4; do
+        timeout 120 torchrun --nproc-per-node "$n" -m seqpar_ring.bench packed --skip-e2e \
+            --out "$out/packed_shared$n.json" 2>&1 | grep -v Warning | tail -10
+    done
+    timeout 150 torchrun --nproc-per-node 2 -m seqpar_ring.bench e2e --impl seqpar --zero 2 \
+        --seq 65536 --steps 2 --budget-s 60 --out "$out/e2e_shared2.json" 2>&1 \
+        | grep -v Warning | tail -10
+    ;;
+bench-ring)
+    for n in 2 4; do
+        timeout 270 torchrun --nproc-per-node "$n" -m seqpar_ring.bench ring --seq 65536 262144 \
+            --kernels cudnn --comms ring --no-torch-cp --ulysses-sizes --skip-check --iters 1 \
+            --memory-seq 65536 --out "$out/ring_shared$n.json" 2>&1 | grep -v Warning | tail -16
+    done
+    ;;
+*)
+    echo "usage: $0 attention|models|bench-packed|bench-ring" >&2
+    exit 2
+    ;;
+esac

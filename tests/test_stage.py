@@ -1,0 +1,148 @@
+"""Host staging (`seqpar_ring.stage`): the path ranks sharing one GPU take, run on CPU.
+
+On a gloo group CUDA tensors go through host buffers in the transport. CPU CI has no CUDA, so
+``stage.forced()`` sends CPU tensors through the same staged code (host copies, the gloo op on
+separate buffers, copies back). In one spawned group of 4 ranks every collective of the
+product — ring exchange, K/V all-gather and dK/dV reduce-scatter, the dilated re-deal, the
+Ulysses all-to-all and id all-gather, the documents' id gather, the loss all-reduce, the
+agreement — runs staged and unstaged, and the results must be bitwise equal. A group whose
+backend cannot carry the tensors (NCCL with CPU tensors, simulated) raises on every rank at
+once, naming the fix.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+from _dist import run_distributed
+from _exact import make_inputs
+
+from seqpar_ring import dilated_attention, ring_attention, sp_cross_entropy, stage
+from seqpar_ring import groups as G
+from seqpar_ring.agreement import AgreementError
+from seqpar_ring.layout import gather, shard
+
+TIMEOUT_S = 240.0
+SEQ, H, HKV, D = 32, 4, 2, 8
+
+
+def _ids() -> torch.Tensor:
+    """Two different rows: a 1-token document, padding left / middle / right."""
+    row0 = [-1] * 2 + [0] * 9 + [1] + [2] * 13 + [-1] * 3 + [3] * 4
+    row1 = [5] * 1 + [6] * 20 + [7] * 2 + [8] * 6 + [-1] * 3
+    return torch.tensor([row0, row1])
+
+
+def _fwd_bwd(fn, data, p, me, layout, u=1):
+    def local(t):
+        return shard(t.double(), p, me, layout, ulysses_size=u).contiguous()
+
+    q, k, v = (local(data[n]).requires_grad_(True) for n in "qkv")
+    out = fn(q, k, v)
+    out.backward(local(data["dout"]))
+    return [out.detach(), q.grad, k.grad, v.grad]
+
+
+def _cases(rank: int, world: int, groups) -> list[list[torch.Tensor]]:
+    """Every feature's outputs and gradients on this rank (same calls staged or not)."""
+    group, results = dist.group.WORLD, []
+    ids = _ids()
+    for (layout, comm, causal), docs in itertools.product(
+            itertools.product(("contiguous", "zigzag"), ("ring", "allgather"), (True, False)),
+            (False, True)):
+        data = make_inputs(int(causal) + 2 * docs, 2, SEQ, H, HKV, D)
+        doc = shard(ids, world, rank, layout).contiguous() if docs else None
+        results.append(_fwd_bwd(lambda q, k, v: ring_attention(
+            q, k, v, group, causal=causal, layout=layout, comm=comm, kernel="torch",
+            doc_ids=doc), data, world, rank, layout))
+    data = make_inputs(7, 1, SEQ, H, HKV, D)  # dilated: segments spanning ranks (re-deal)
+    results.append(_fwd_bwd(lambda q, k, v: dilated_attention(
+        q, k, v, group, segment_lengths=[8, 16, 32], dilation_rates=[1, 2, 4], kernel="torch"),
+        data, world, rank, "contiguous"))
+    from seqpar_ring.ulysses import ulysses_ring_attention
+
+    u = groups.ulysses_size
+    sp_rank = groups.sp_rank
+    for causal in (True, False):  # Ulysses 2 x ring 2: all-to-all, id all-gather, inner ring
+        data = make_inputs(11 + causal, 2, SEQ, H, 1, D)  # 1 K/V head < u: replicated
+        doc = shard(ids, world, sp_rank, "zigzag", ulysses_size=u).contiguous()
+        results.append(_fwd_bwd(lambda q, k, v: ulysses_ring_attention(
+            q, k, v, groups, causal=causal, layout="zigzag", kernel="torch", doc_ids=doc),
+            data, world, sp_rank, "zigzag", u))
+    logits = torch.randn(2, SEQ, 11, generator=torch.Generator().manual_seed(3),
+                         dtype=torch.float64)
+    labels = torch.randint(0, 11, (2, SEQ), generator=torch.Generator().manual_seed(4))
+    labels[0, :5] = -100
+    x = shard(logits, world, rank, "zigzag").contiguous().requires_grad_(True)
+    loss = sp_cross_entropy(x, shard(labels, world, rank, "zigzag").contiguous(), group)
+    loss.backward()
+    results.append([loss.detach(), x.grad, gather(x.detach(), group, "zigzag")])
+    return results
+
+
+def _staging_worker(rank: int, world: int) -> dict:
+    groups = G.initialize(world, ulysses_size=2)
+    try:
+        stage.stats.reset()
+        plain = _cases(rank, world, groups)
+        unstaged = stage.stats.collectives
+        with stage.forced():
+            staged = _cases(rank, world, groups)
+        n_staged = stage.stats.collectives - unstaged
+        for i, (a, b) in enumerate(zip(plain, staged)):
+            for j, (x, y) in enumerate(zip(a, b)):
+                assert torch.equal(x, y), f"case {i} tensor {j}: staged != unstaged"
+        # NCCL with CPU tensors (simulated): every rank raises at once, naming the fix.
+        real = stage.backend_for
+        stage.backend_for = lambda group, device_type: "nccl"
+        t0 = time.monotonic()
+        try:
+            q = torch.zeros(1, 8, 2, 4)
+            with pytest.raises(AgreementError, match=r"NCCL, which cannot carry CPU tensors.*"
+                                                     r"model\.cuda\(\)"):
+                ring_attention(q, q, q, dist.group.WORLD, kernel="torch")
+        finally:
+            stage.backend_for = real
+        waited = time.monotonic() - t0
+    finally:
+        G.destroy()
+    return {"cases": len(plain), "unstaged": unstaged, "staged": n_staged, "waited": waited}
+
+
+def test_staged_collectives_equal_unstaged_and_carry_error_on_every_rank():
+    results = run_distributed(_staging_worker, 4, timeout=TIMEOUT_S)
+    for r in results:
+        assert r["cases"] == 20
+        assert r["unstaged"] == 0  # CPU tensors on gloo: nothing staged unless forced
+        assert r["staged"] >= 100, r  # every collective of every case went through the stage
+        assert r["waited"] < 30, r
+
+
+def test_backend_for_device_maps(monkeypatch):
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "cpu:gloo,cuda:nccl")
+    assert stage.backend_for(object(), "cuda") == "nccl"
+    assert stage.backend_for(object(), "cpu") == "gloo"
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    assert stage.backend_for(object(), "cuda") == "gloo"
+    cuda_like = torch.empty(0, device="meta")  # not CUDA: never staged unless forced
+    assert not stage.needs_stage(object(), cuda_like)
+    with stage.forced():
+        assert stage.needs_stage(object(), cuda_like)
+    assert stage.carry_error(None, torch.device("cpu")) is None
+
+
+def test_bench_tables_say_ranks_share_a_gpu(monkeypatch, capsys):
+    from seqpar_ring.tools.bench import common
+
+    monkeypatch.setattr(common, "SHARED", {"ranks": 4, "gpus": 1})
+    text = common.print_table([{"seq": 65536, "ms": 400.0, "step_s": 2.0}],
+                              ["seq", "ms", "step_s"], "ring")
+    assert text.splitlines()[0].startswith("4 ranks share 1 GPU(s)")
+    assert "not multi-GPU figures" in text and "ms/rank" in text and "step_s/rank" in text
+    assert "100.0" in text and "0.500" in text  # 400 ms / 4 ranks, 2 s / 4 ranks
+    monkeypatch.setattr(common, "SHARED", {})
+    assert "share" not in common.print_table([{"ms": 1.0}], ["ms"], "t")
