@@ -60,8 +60,11 @@ def varlen_forward(q, k, v, spec, *, causal, scale, bucket_size=None, band=None)
     applied inside every sequence (`window.py`).
     """
     cu_q, cu_k = spec.cu_seqlens(q.device)
+    # max_q is only an upper bound. At max_q == 1 with GQA, FlashAttention-2 swaps the query
+    # heads into the sequence dim assuming one query per sequence, which breaks on varlen calls
+    # with empty sequences (padding gaps) — a bound of 2 keeps the general path.
     out, lse = aten._flash_attention_forward(
-        _tokens_major(q), _tokens_major(k), _tokens_major(v), cu_q, cu_k, spec.max_q,
+        _tokens_major(q), _tokens_major(k), _tokens_major(v), cu_q, cu_k, max(spec.max_q, 2),
         spec.max_k, 0.0, causal, False, scale=scale, **_window(band))[:2]
     if spec.has_empty:
         lse = lse.masked_fill(lse == float("inf"), float("-inf"))
