@@ -44,12 +44,13 @@ def sp_config(args, ds_config) -> tuple[SeqParConfig, dict]:
         fail(str(e))
 
 
-def check_world(cfg: SeqParConfig, world: int, source: str, ds: dict | None = None) -> None:
-    """The SP size must divide the number of processes; with ``ds``, DeepSpeed's batch keys
-    must agree with world / sp."""
+def check_world(cfg: SeqParConfig, world: int, source: str, ds: dict | None = None,
+                flag: str = "--sequence-parallel-size") -> None:
+    """The SP size (set by ``flag``) must divide the number of processes; with ``ds``,
+    DeepSpeed's batch keys must agree with world / sp."""
     if cfg.sp_size > world or world % cfg.sp_size:
         ok = [d for d in range(1, world + 1) if world % d == 0]
-        fail(f"--sequence-parallel-size {cfg.sp_size} does not divide the {world} processes "
+        fail(f"{flag} {cfg.sp_size} does not divide the {world} processes "
              f"({source}): choose one of {ok}, or run a multiple of {cfg.sp_size} processes")
     if ds is not None:
         from seqpar_ring.integrations.ds_config import validate_for_world
