@@ -23,6 +23,11 @@ def pytest_collection_finish(session) -> None:
     if report is not None:
         report.write_line("DeepSpeed's CPU communication op: loading it, or building it once "
                           "(first run on a machine: 1-2 min on 2 cores)")
-    took = _ds_op.build()
+    try:
+        took = _ds_op.build()
+    except Exception as e:  # noqa: BLE001 - the DeepSpeed tests then fail with it, one by one
+        if report is not None:
+            report.write_line(f"DeepSpeed's CPU communication op did not build: {e}", red=True)
+        return
     if report is not None and took is not None:
         report.write_line(f"DeepSpeed's CPU communication op ready in {took:.1f} s")
