@@ -92,7 +92,8 @@ def check_ring_world1() -> None:
 
 def check_clis() -> None:
     for args in (["seqpar_ring.bench", "--help"], ["seqpar_ring.plan", "--help"],
-                 ["seqpar_ring.plot", "--help"], ["seqpar_ring.demo"],
+                 ["seqpar_ring.plot", "--help"], ["seqpar_ring.demo", "--help"],
+                 ["seqpar_ring.demo"],
                  ["seqpar_ring.plan", "--model", "tiny", "--gpus", "2", "--gpu-mem-gib", "1"],
                  ["seqpar_ring.plan", "--validate"]):  # its JSON data ship in the wheel
         proc = subprocess.run([sys.executable, "-I", "-m", *args], capture_output=True,

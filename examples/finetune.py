@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # examples/passkey.py, ...
+import arg_checks  # noqa: E402
 import passkey  # noqa: E402
 from passkey_eval import (  # noqa: E402
     DEPTHS,
@@ -100,8 +101,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preflight", action=argparse.BooleanOptionalAction, default=False,
                    help="before training, run one forward at the longest eval length "
                    "(fails fast on memory or kernel problems)")
-    p.add_argument("--progress-bar", action=argparse.BooleanOptionalAction, default=True,
-                   help="tqdm bar (else only the timestamped log lines)")
+    p.add_argument("--progress-bar", action=argparse.BooleanOptionalAction, default=None,
+                   help="tqdm bar (default: only when stderr is a terminal; otherwise, and "
+                   "with --no-progress-bar, a timestamped line every --log-every steps)")
     p.add_argument("--log-every", type=int, default=20, help="print a line every N steps")
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps "
                    "(+end); 0 = at the end only")
@@ -142,6 +144,18 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.seq_len = args.stage_list[-1][0]  # the length trained last is the one evaluated
     elif args.steps is None:
         args.steps = 600
+    arg_checks.at_least({
+        "--seq-len": (args.seq_len, 1), "--batch-size": (args.batch_size, 1),
+        "--steps": (args.steps, 1), "--grad-accum": (args.grad_accum, 1),
+        "--warmup": (args.warmup, 0), "--digits": (args.digits, 1),
+        "--eval-per-depth": (args.eval_per_depth, 1), "--eval-batch-size":
+        (args.eval_batch_size, 1), "--hidden": (args.hidden, 1), "--layers": (args.layers, 1),
+        "--heads": (args.heads, 1), "--log-every": (args.log_every, 1),
+        "--save-every": (args.save_every, 0), "--nproc": (args.nproc, 1)})
+    if not 0.0 <= args.curriculum <= 1.0:
+        arg_checks.fail(f"--curriculum {args.curriculum} must be a fraction in [0, 1]")
+    if args.progress_bar is None:  # a bar only on a terminal: in a log file, the log lines
+        args.progress_bar = sys.stderr.isatty()
     args.eval_len_list = (_numbers(args.eval_lens, int, "--eval-lens") if args.eval_lens
                           else [args.seq_len])
     args.depth_list = _numbers(args.depths, float, "--depths") if args.depths else DEPTHS
@@ -154,6 +168,36 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         name = os.path.splitext(os.path.basename(args.data))[0] if args.data else "passkey"
         args.out = os.path.join("runs", name)
     return args
+
+
+def check_launch(args, world: int, source: str) -> None:
+    """The checks that need the world size (``source``: where it comes from) or a file, run
+    in the launching process before any spawn, model or engine."""
+    try:
+        ds_cfg = deepspeed_config(args)
+    except ValueError as e:  # a missing or malformed --deepspeed_config
+        arg_checks.fail(str(e))
+    cfg, ds = arg_checks.sp_config(args, ds_cfg)
+    arg_checks.check_world(cfg, world, source, ds)
+    if not args.stage_list:  # stages are checked by step_plan, naming --stages
+        arg_checks.check_row_len("--seq-len", args.seq_len, cfg)
+    for n in args.eval_len_list:
+        arg_checks.check_row_len("--eval-lens", n, cfg)
+    if args.data:
+        try:
+            passkey.read_documents(args.data)  # read again by the ranks; small next to training
+        except ValueError as e:
+            arg_checks.fail(str(e))
+        return
+    shortest = min(n for n, _ in step_plan(args, cfg.seq_len_divisor))
+    if not args.model:  # the tiny vocabulary's rows (a real tokenizer's are checked per row)
+        need = passkey.min_row_len(args.digits)
+        hint = "" if args.stage_list or shortest == args.seq_len else (
+            f" (the curriculum starts at --seq-len / 8: use --seq-len >= {8 * need} or "
+            "--curriculum 0)")
+        arg_checks.check_passkey_len("--seq-len" if not args.stage_list else "--stages",
+                                     shortest, need, hint)
+        arg_checks.check_passkey_len("--eval-lens", min(args.eval_len_list), need)
 
 
 def build_model(args, vocab_size: int):
@@ -249,10 +293,7 @@ def train(args) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
     ds_cfg = deepspeed_config(args)
     divisor = sp_ds.config_from_args(args, ds_cfg)[0].seq_len_divisor
-    plan = None if args.data else step_plan(args, divisor)  # checked before the model is built
-    for n in getattr(args, "eval_len_list", []):
-        if n % divisor:
-            raise SystemExit(f"error: --eval-lens {n} is not a multiple of {divisor}")
+    plan = None if args.data else step_plan(args, divisor)  # check_launch checked it
     vocab = len(passkey.VOCAB) if not args.data else passkey.BYTE_VOCAB
     model = build_model(args, vocab)
     engine, _, _, _ = sp_ds.initialize(
@@ -434,6 +475,7 @@ def main(argv=None) -> None:
                               RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
             launched = True
         _check_gpus(args)
+    check_launch(args, *arg_checks.world_size(args.nproc))
     if launched:  # torchrun / deepspeed
         cuda = torch.cuda.is_available()
         if cuda:

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import arg_checks  # noqa: E402
 import finetune  # noqa: E402  (model, curriculum-free data, evaluation table)
 import passkey  # noqa: E402
 
@@ -54,7 +55,28 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "--deepspeed_config")
     p.add_argument("--seed", type=int, default=0, help="data and initialisation seed")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    arg_checks.at_least({
+        "--seq-len": (args.seq_len, 1), "--batch-size": (args.batch_size, 1),
+        "--steps": (args.steps, 1), "--digits": (args.digits, 1),
+        "--eval-per-depth": (args.eval_per_depth, 1), "--nproc": (args.nproc, 1),
+        "--sequence-parallel-size": (args.sp_size, 1)})
+    return args
+
+
+def check_launch(args, world: int, source: str) -> SeqParConfig:
+    """The checks that need the world size or a file, before any spawn or model."""
+    if args.deepspeed_config:
+        cfg = arg_checks.sp_config(None, args.deepspeed_config)[0]
+        flag = f"sequence_parallel.size of {args.deepspeed_config}"
+    else:
+        cfg = SeqParConfig(sp_size=args.sp_size, layout=args.layout)
+        flag = "--sequence-parallel-size"
+    arg_checks.check_world(cfg, world, source, flag=flag)
+    arg_checks.check_row_len("--seq-len", args.seq_len, cfg)
+    if not args.model:
+        arg_checks.check_passkey_len("--seq-len", args.seq_len, passkey.min_row_len(args.digits))
+    return cfg
 
 
 def trainer_ds_config(path: str) -> dict:
@@ -93,14 +115,10 @@ def train(args) -> dict:
         dataloader_num_workers=0, ddp_find_unused_parameters=False,
         ddp_backend=None if torch.cuda.is_available() else "gloo",
         deepspeed=trainer_ds_config(args.deepspeed_config) if args.deepspeed_config else None,
-        disable_tqdm=dist.is_initialized() and dist.get_rank() != 0,
+        # a bar on a terminal only: in a log file the Trainer prints its logs every 10 steps
+        disable_tqdm=(dist.is_initialized() and dist.get_rank() != 0) or not sys.stderr.isatty(),
     )
-    if args.deepspeed_config:  # the SP settings come from the JSON's section
-        from seqpar_ring.integrations.deepspeed import split_config
-
-        sp_cfg = split_config(args.deepspeed_config)[0]
-    else:
-        sp_cfg = SeqParConfig(sp_size=args.sp_size, layout=args.layout)
+    sp_cfg = check_launch(args, dist.get_world_size(), "the process group")  # the JSON's or
     data = passkey.PasskeyDataset(args.steps * args.batch_size * 8, args.seq_len, args.digits,
                                   seed=args.seed + 1)
     # under DeepSpeed, SPTrainer hands DeepSpeed the SP x DP groups as its mpu itself
@@ -158,6 +176,7 @@ def _worker(rank: int, world: int, port: int, args) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    check_launch(args, *arg_checks.world_size(args.nproc))
     if "RANK" in os.environ:  # torchrun / deepspeed / accelerate launch: the Trainer joins
         train(args)
         return

@@ -164,19 +164,53 @@ class TextPasskeyDataset(PasskeyDataset):
 # --- your own data: documents packed into rows ---------------------------------------------
 
 def read_documents(path: str) -> list[str]:
-    """``.jsonl``: one JSON object per line with a ``"text"`` field; other files: plain text,
-    documents separated by blank lines."""
+    """``.jsonl``: one JSON object per line with a ``"text"`` field; ``.txt``: plain text,
+    documents separated by blank lines. Anything else, or bytes that are not UTF-8 text, is
+    refused with the file name and the first bad offset (ValueError)."""
+    fmt = ("give a .jsonl (one {\"text\": ...} per line) or a .txt (documents separated by "
+           "blank lines), UTF-8")
     if not os.path.isfile(path):
-        raise ValueError(f"--data {path!r} is not a file: give a .jsonl (field 'text') or .txt")
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
-            docs = [json.loads(line)["text"] for line in f if line.strip()]
-        else:
-            docs = [d.strip() for d in f.read().split("\n\n")]
+        raise ValueError(f"--data {path!r} is not a file: {fmt}")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".jsonl", ".txt"):
+        raise ValueError(f"--data {path!r}: a {ext or 'extension-less'} file is not read as "
+                         f"text: {fmt}")
+    with open(path, "rb") as f:
+        raw = f.read()
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raise ValueError(f"--data {path!r} is binary (a NUL byte at offset {nul}): {fmt}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--data {path!r} is not UTF-8 text: byte 0x{raw[e.start]:02x} at "
+                         f"offset {e.start}: {fmt}") from None
+    if ext == ".jsonl":
+        docs = [_jsonl_text(path, i, line) for i, line in enumerate(text.splitlines(), 1)
+                if line.strip()]
+    else:
+        docs = [d.strip() for d in text.split("\n\n")]
     docs = [d for d in docs if d]
     if not docs:
         raise ValueError(f"--data {path!r} holds no documents")
     return docs
+
+
+def _jsonl_text(path: str, line_no: int, line: str) -> str:
+    try:
+        doc = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--data {path!r} line {line_no}: not JSON ({e.msg})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
+        raise ValueError(f"--data {path!r} line {line_no}: want an object with a string "
+                         "\"text\" field")
+    return doc["text"]
+
+
+def min_row_len(digits: int) -> int:
+    """The shortest row `passkey_sample` and `passkey_batch` can build: BOS, the needle
+    (1 + digits), the question (1 + 2 digits) and one filler token."""
+    return 1 + (1 + digits) + (1 + 2 * digits) + 1
 
 
 def byte_tokenize(text: str) -> list[int]:

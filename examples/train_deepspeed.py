@@ -13,12 +13,17 @@ position ids, labels shifted before sharding); the loss on each rank is the whol
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import deepspeed
 import torch
 
 from seqpar_ring.integrations import deepspeed as sp_ds
 from seqpar_ring.integrations.hf import SPDataCollator
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import arg_checks  # noqa: E402  (the examples' shared argument checks)
 
 
 def build_model(name: str | None) -> torch.nn.Module:
@@ -41,6 +46,11 @@ def main() -> None:
     deepspeed.add_config_arguments(parser)
     sp_ds.add_argparse_args(parser)
     args = parser.parse_args()
+    # before the model and the engine: a bad value fails in a second, naming the flag
+    arg_checks.at_least({"--seq-len": (args.seq_len, 1), "--steps": (args.steps, 1)})
+    cfg = arg_checks.sp_config(args, args.deepspeed_config)[0]
+    arg_checks.check_world(cfg, *arg_checks.world_size(1))
+    arg_checks.check_row_len("--seq-len", args.seq_len, cfg)
 
     model = build_model(args.model)
     engine, _, _, _ = sp_ds.initialize(model=model, model_parameters=model.parameters(),

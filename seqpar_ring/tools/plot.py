@@ -53,19 +53,7 @@ def plot_run(run_dir: str) -> list[str]:
         raise ValueError(f"{run_dir}/metrics.jsonl has no training records to plot")
     written = []
 
-    steps = [r["step"] for r in train]
-    losses = [r["loss"] for r in train]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, losses, alpha=0.3, color="C0", label="loss")
-    ax.plot(steps, _smooth(losses, max(1, len(losses) // 50)), color="C0", label="smoothed")
-    ax.set(xlabel="step", ylabel="loss", title=f"training loss: {os.path.basename(run_dir)}")
-    ax.set_yscale("log")
-    if any("seq_len" in r for r in train):
-        right = ax.twinx()  # the curriculum explains jumps in the loss
-        right.plot(steps, [r.get("seq_len", 0) for r in train], color="C1", lw=1)
-        right.set_ylabel("tokens per row", color="C1")
-    ax.legend(loc="upper right")
-    fig.tight_layout()
+    fig = loss_figure(plt, run_dir, train)
     written.append(os.path.join(run_dir, "loss.png"))
     fig.savefig(written[-1], dpi=120)
     plt.close(fig)
@@ -73,6 +61,26 @@ def plot_run(run_dir: str) -> list[str]:
     if evals:
         written.append(_plot_accuracy(plt, run_dir, evals))
     return written
+
+
+def loss_figure(plt, run_dir: str, train: list[dict]):
+    """Loss (raw and smoothed, log scale) by step, with the row length on a second axis; the
+    legend sits below the axes, outside every line."""
+    steps = [r["step"] for r in train]
+    losses = [r["loss"] for r in train]
+    fig, ax = plt.subplots(figsize=(7, 4.4), layout="constrained")
+    lines = ax.plot(steps, losses, alpha=0.3, color="C0", label="loss")
+    lines += ax.plot(steps, _smooth(losses, max(1, len(losses) // 50)), color="C0",
+                     label="smoothed")
+    ax.set(xlabel="step", ylabel="loss", title=f"training loss: {os.path.basename(run_dir)}")
+    ax.set_yscale("log")
+    if any("seq_len" in r for r in train):
+        right = ax.twinx()  # the curriculum explains jumps in the loss
+        lines += right.plot(steps, [r.get("seq_len", 0) for r in train], color="C1", lw=1,
+                            label="tokens per row (right axis)")
+        right.set_ylabel("tokens per row", color="C1")
+    fig.legend(handles=lines, loc="outside lower center", ncols=len(lines), fontsize=8)
+    return fig
 
 
 def _plot_accuracy(plt, run_dir: str, evals: list[dict]) -> str:
