@@ -12,6 +12,7 @@ import random
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from seqpar_ring.layout import shard
 
@@ -78,8 +79,11 @@ def doc_reference(q, k, v, dout, ids: torch.Tensor | None, causal: bool):
                 qs = qf[r:r + 1, a:e].transpose(1, 2)
                 ks = kf[r:r + 1, a:e].repeat_interleave(rep, dim=2).transpose(1, 2)
                 vs = vf[r:r + 1, a:e].repeat_interleave(rep, dim=2).transpose(1, 2)
-                pieces.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)
-                              .transpose(1, 2))
+                # the math backend: fp32 on CUDA may otherwise go to cuDNN, which refuses
+                # 1-token sequences (s_q = s_kv = 1) — and the reference must be independent
+                with sdpa_kernel(SDPBackend.MATH):
+                    piece = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)
+                pieces.append(piece.transpose(1, 2))
             a = e
         rows.append(torch.cat(pieces, dim=1))
     out = torch.cat(rows, dim=0)

@@ -78,7 +78,8 @@ def varlen_backward(dout, q, k, v, out, lse, spec, *, causal, scale, bucket_size
     zero = torch.zeros((), dtype=torch.int64, device=q.device)
     dq, dk, dv = aten._flash_attention_backward(
         _tokens_major(dout), _tokens_major(q), _tokens_major(k), _tokens_major(v),
-        _tokens_major(out), lse[0].contiguous(), cu_q, cu_k, spec.max_q, spec.max_k, 0.0, causal,
+        _tokens_major(out), lse[0].contiguous(), cu_q, cu_k, max(spec.max_q, 2), spec.max_k, 0.0,
+        causal,
         zero, zero, scale=scale, **_window(band))
     return (dq.transpose(0, 1).unsqueeze(0), dk.transpose(0, 1).unsqueeze(0),
             dv.transpose(0, 1).unsqueeze(0))
@@ -108,7 +109,8 @@ def band_forward(q, k, v, *, band, scale):
     spec = _batch_spec(q, k)
     cu_q, cu_k = spec.cu_seqlens(q.device)
     out, lse = aten._flash_attention_forward(
-        _rows_major(q), _rows_major(k), _rows_major(v), cu_q, cu_k, spec.max_q, spec.max_k, 0.0,
+        _rows_major(q), _rows_major(k), _rows_major(v), cu_q, cu_k, max(spec.max_q, 2),
+        spec.max_k, 0.0,
         False, False, scale=scale, **_window(band))[:2]
     return out.view(b, nq, h, d).transpose(1, 2), lse.view(h, b, nq).transpose(0, 1)
 
@@ -121,7 +123,8 @@ def band_backward(dout, q, k, v, out, lse, *, band, scale):
     zero = torch.zeros((), dtype=torch.int64, device=q.device)
     dq, dk, dv = aten._flash_attention_backward(
         _rows_major(dout), _rows_major(q), _rows_major(k), _rows_major(v), _rows_major(out),
-        lse.transpose(0, 1).reshape(h, b * nq).contiguous(), cu_q, cu_k, spec.max_q, spec.max_k,
+        lse.transpose(0, 1).reshape(h, b * nq).contiguous(), cu_q, cu_k, max(spec.max_q, 2),
+        spec.max_k,
         0.0, False, zero, zero, scale=scale, **_window(band))
     nk, hkv = k.shape[2], k.shape[1]
     return (dq.view(b, nq, h, d).transpose(1, 2), dk.view(b, nk, hkv, d).transpose(1, 2),
