@@ -10,8 +10,6 @@ Error cases check that every rank raises the same error within seconds (no kille
 from __future__ import annotations
 
 import copy
-import time
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -21,6 +19,7 @@ from _dist import run_distributed
 pytest.importorskip("transformers")
 
 from test_hf import VOCAB, tiny_model  # noqa: E402
+from test_reliability import _raises  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from seqpar_ring import SeqParConfig, groups as sp_groups, shard_batch  # noqa: E402
@@ -218,15 +217,6 @@ def test_sp1_mistakes_get_clear_errors():
 
 
 # ---------------------------------------------------------------- SP groups
-
-def _raises(fn) -> tuple[str, float]:
-    t0 = time.monotonic()
-    try:
-        fn()
-    except (ValueError, RuntimeError) as err:
-        return f"{type(err).__name__}: {err}", time.monotonic() - t0
-    raise AssertionError("expected an error, nothing was raised")
-
 
 def _exact_cases(rank: int, world: int) -> None:
     groups = sp_groups.initialize(world)
