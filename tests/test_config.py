@@ -80,3 +80,15 @@ def test_seq_len_divisor():
     assert cfg.layout == "contiguous" and cfg.seq_len_divisor == 2 * 12
     with pytest.raises(ValueError, match="contiguous layout only"):
         SeqParConfig(sp_size=2, layout="zigzag", **dilated)
+
+
+@pytest.mark.parametrize("ds, match", [
+    ({"sequence_parallel": False}, "must be a JSON object"),
+    ({"sequence_parallel": {"size": None}}, r"sequence_parallel\.size is null"),
+    ({"sequence_parallel": {"size": 2, "comm_timeout_s": 1e-9}}, "comm_timeout_s=1e-09 must be"),
+])
+def test_json_section_mistakes_are_refused(ds, match):
+    from seqpar_ring.integrations.ds_config import split_config
+
+    with pytest.raises(ValueError, match=match):
+        split_config(ds)
