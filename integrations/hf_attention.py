@@ -33,7 +33,7 @@ from seqpar_ring.config import SeqParConfig
 from seqpar_ring.groups import SPGroups, get_groups, initialize
 from seqpar_ring.modules import sp_attention
 
-from .hf_batch import AGREED_KEY, DOC_IDS_KEY, batch_doc_ids
+from .hf_batch import AGREED_KEY, DOC_IDS_KEY, batch_doc_ids, check_mask
 from .hf_decode import cached_attention
 from .hf_window import call_settings
 
@@ -145,11 +145,7 @@ def _check_call(state: SPState, module, attention_mask, dropout: float, seq: int
             f"attention dropout={dropout} is not supported by seqpar_ring attention: set "
             "model.config.attention_dropout = 0.0"
         )
-    if attention_mask is not None and attention_mask.dim() != 2:
-        raise ValueError(
-            f"seqpar_ring attention got a {attention_mask.dim()}D attention_mask; under sequence "
-            "parallelism pass a 2D (batch, seq_local) mask or packed position_ids instead"
-        )
+    check_mask(attention_mask)  # the same rule (and message) as the decoder's hook
     div = state.config.seq_len_divisor
     if seq % div:
         raise ValueError(
