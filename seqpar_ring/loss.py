@@ -17,23 +17,38 @@ from . import comm as C
 __all__ = ["sp_cross_entropy"]
 
 
+# Logits are upcast a slice of rows at a time: at 32K tokens x 32K vocab a whole fp32 copy is
+# 4 GiB and the softmax of the backward another, more than the rest of a checkpointed step.
+CHUNK_ELEMENTS = 1 << 26  # 64M logits: 256 MiB of fp32 per slice
+
+
+def _slices(n: int, vocab: int) -> list[slice]:
+    step = max(1, CHUNK_ELEMENTS // max(vocab, 1))
+    return [slice(s, min(s + step, n)) for s in range(0, n, step)]
+
+
 class _SPCrossEntropy(torch.autograd.Function):
     """Forward: one all-reduce of (loss sum, valid count). Backward: local only.
 
     The global mean depends on this rank's logits only through its own tokens' terms, so
     d(loss)/d(local logits) = (softmax - onehot) / global_count on valid tokens: no
     communication. Summed over SP ranks, the parameter gradients are the true gradient.
+    Both passes work on slices of rows (`CHUNK_ELEMENTS`): the only full-size tensor they
+    allocate is the logits' gradient, in the logits' dtype.
     """
 
     @staticmethod
     def forward(ctx, logits: Tensor, labels: Tensor, group, ignore_index: int) -> Tensor:
         # fp32 for half-precision logits, fp64 kept (reference runs stay exact)
-        x = logits.reshape(-1, logits.shape[-1]).to(_compute_dtype(logits))
+        cd = _compute_dtype(logits)
+        x = logits.reshape(-1, logits.shape[-1])
         y = labels.reshape(-1)
         valid = y != ignore_index
         safe_y = torch.where(valid, y, torch.zeros_like(y))  # ignored tokens index class 0
-        lse = torch.logsumexp(x, dim=-1)
-        picked = x.gather(1, safe_y.unsqueeze(1)).squeeze(1)
+        lse = torch.empty(x.shape[0], dtype=cd, device=x.device)
+        for s in _slices(*x.shape):
+            lse[s] = torch.logsumexp(x[s].to(cd), dim=-1)
+        picked = x.gather(1, safe_y.unsqueeze(1)).squeeze(1).to(cd)
         tok_loss = torch.where(valid, lse - picked, torch.zeros_like(lse))
         # float64 keeps the count exact beyond 2**24 tokens and the sum free of rounding drift
         stats = torch.stack([tok_loss.sum().double(), valid.sum().double()])
@@ -41,17 +56,20 @@ class _SPCrossEntropy(torch.autograd.Function):
             C.all_reduce(stats, group, what="loss statistics all-reduce")
         count = stats[1].clamp(min=1.0)  # no valid label anywhere: loss 0, gradient 0
         ctx.save_for_backward(logits, safe_y, valid, lse, count)
-        return (stats[0] / count).to(x.dtype)
+        return (stats[0] / count).to(cd)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         logits, safe_y, valid, lse, count = ctx.saved_tensors
-        x = logits.reshape(-1, logits.shape[-1]).to(_compute_dtype(logits))
-        grad = torch.exp(x - lse.unsqueeze(1))  # softmax, recomputed to save memory
-        grad.scatter_add_(1, safe_y.unsqueeze(1), torch.full_like(lse, -1.0).unsqueeze(1))
-        scale = (grad_out.double() / count).to(x.dtype)
-        grad.mul_(valid.unsqueeze(1).to(grad.dtype) * scale)
-        return grad.view(logits.shape).to(logits.dtype), None, None, None
+        x = logits.reshape(-1, logits.shape[-1])
+        scale = (grad_out.double() / count).to(lse.dtype)
+        weight = (valid.to(lse.dtype) * scale).unsqueeze(1)
+        grad = torch.empty_like(x)
+        for s in _slices(*x.shape):
+            g = torch.exp(x[s].to(lse.dtype) - lse[s].unsqueeze(1))  # softmax, recomputed
+            g.scatter_add_(1, safe_y[s].unsqueeze(1), torch.full_like(lse[s], -1.0).unsqueeze(1))
+            grad[s] = g.mul_(weight[s])
+        return grad.view(logits.shape), None, None, None
 
 
 def _compute_dtype(logits: Tensor) -> torch.dtype:

@@ -75,8 +75,12 @@ def test_loss_sp2_and_sp4():
     assert all(run_distributed(_body, 4, (4, 2), timeout=120))
 
 
-def test_loss_local():
-    # group None and a single-rank run: plain token mean, no communication
+@pytest.mark.parametrize("chunk", [None, 11, 55])
+def test_loss_local(monkeypatch, chunk):
+    # group None and a single-rank run: plain token mean, no communication. ``chunk``: logits
+    # per slice (11: one row of the 11-word vocab at a time; 55: 5 rows, the last slice partial)
+    if chunk is not None:
+        monkeypatch.setattr("seqpar_ring.loss.CHUNK_ELEMENTS", chunk)
     for name, logits, labels in _cases(1):
         ref_loss, ref_grad = _reference(logits, labels)
         x = logits.clone().requires_grad_(True)
