@@ -59,9 +59,11 @@ def inputs(seed: int, b: int, s: int, h: int, hkv: int, d: int):
     return [torch.randn(b, s, n, d, device=DEV, generator=g) for n in (h, hkv, hkv, h)]
 
 
-def doc_reference(q, k, v, dout, ids: torch.Tensor | None, causal: bool):
+def doc_reference(q, k, v, dout, ids: torch.Tensor | None, causal: bool,
+                  window: int | None = None):
     """fp32 reference, one SDPA call per document (independent of the planner): out, dq, dk, dv
-    (B, S, heads, D). ``ids`` (B, S) on the host, None = one document; padding rows give 0."""
+    (B, S, heads, D). ``ids`` (B, S) on the host, None = one document; padding rows give 0.
+    ``window`` (causal): query i sees keys i - window < j <= i (an explicit boolean mask)."""
     leaves = [x.detach().float().requires_grad_(True) for x in (q, k, v)]
     qf, kf, vf = leaves
     rep = qf.shape[2] // kf.shape[2]
@@ -81,8 +83,13 @@ def doc_reference(q, k, v, dout, ids: torch.Tensor | None, causal: bool):
                 vs = vf[r:r + 1, a:e].repeat_interleave(rep, dim=2).transpose(1, 2)
                 # the math backend: fp32 on CUDA may otherwise go to cuDNN, which refuses
                 # 1-token sequences (s_q = s_kv = 1) — and the reference must be independent
+                mask = None
+                if window is not None and window < n:
+                    i = torch.arange(n, device=qs.device)
+                    mask = (i[None] <= i[:, None]) & (i[None] > i[:, None] - window)
                 with sdpa_kernel(SDPBackend.MATH):
-                    piece = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)
+                    piece = F.scaled_dot_product_attention(
+                        qs, ks, vs, attn_mask=mask, is_causal=causal and mask is None)
                 pieces.append(piece.transpose(1, 2))
             a = e
         rows.append(torch.cat(pieces, dim=1))

@@ -9,6 +9,9 @@ every gradient, with the bf16 rule of `tests/_gpu.py` (max |err| <= 2e-2 + 2e-2 
 - packed documents: 30 seeded random patterns each at SP = 2 and 4 (documents of 1...5,000
   tokens, padding runs, two rows that differ);
 - dilated attention at SP = 2 and 4, segments spanning ranks;
+- sliding windows at SP = 2 and 4: windows shorter than a W-block, longer than a shard and
+  longer than the row, plain and packed rows, both layouts (the windowed peer exchange and the
+  cuDNN band calls of `kernels/band.py`);
 - Ulysses x ring 2 x 2 and 4 x 1 with K/V heads not a multiple of the Ulysses size (GQA/MQA).
 
 References: packed rows and dense rows — one fp32 SDPA call per document (`doc_reference`,
@@ -99,6 +102,25 @@ def _dilated_cases(p: int, me: int, group) -> dict:
     return worst
 
 
+def _window_cases(p: int, me: int, group) -> dict:
+    worst, rng, seq = {}, random.Random(90 + p), SEQ
+    for i, (layout, w, docs) in enumerate(itertools.product(
+            ("contiguous", "zigzag"), (300, 3000, SEQ // p + 700, 2 * SEQ), (False, True))):
+        ids = torch.stack([ids_of(random_lengths(rng, seq)) for _ in range(2)]) if docs \
+            else None
+        q, k, v, dout = inputs(80 + i, 2, seq, H, HKV, D)
+        free = unspecified(ids, True) if docs else torch.zeros(2, seq, dtype=torch.bool)
+        dout = dout.masked_fill(free.to(dev())[:, :, None, None], 0.0)
+        want = shards_of(doc_reference(q, k, v, dout, ids, True, window=w), p, me, layout)
+        doc = None if ids is None else shard(ids, p, me, layout).to(dev()).contiguous()
+        got = run_sharded(lambda q_, k_, v_: seqpar_ring.ring_attention(
+            q_, k_, v_, group, causal=True, layout=layout, window=w, doc_ids=doc),
+            q, k, v, dout, p, me, layout)
+        ctx = f"window sp={p} {layout} W={w} docs={docs}"
+        worst[ctx] = compare(got, want, ctx, shard(free, p, me, layout))
+    return worst
+
+
 def _ulysses_cases(world: int, u: int) -> dict:
     """Ulysses u x ring world/u: K/V heads not a multiple of u (replicated), packed rows."""
     from seqpar_ring.ulysses import ulysses_ring_attention
@@ -145,6 +167,8 @@ def _worker(rank: int, world: int, what: tuple, smoke: dict | None = None) -> di
         worst.update(_doc_cases(world, rank, group, FUZZ_PER_WORLD, seed=world))
     if "dilated" in what:
         worst.update(_dilated_cases(world, rank, group))
+    if "window" in what:
+        worst.update(_window_cases(world, rank, group))
     if "ulysses" in what:
         worst.update(_ulysses_cases(world, 2))
         worst.update(_ulysses_cases(world, 4))
@@ -168,9 +192,9 @@ def _report(name: str, results: list[dict]) -> None:
 
 
 @pytest.mark.parametrize("world, what", [
-    (2, ("ring", "docs", "dilated")),
+    (2, ("ring", "docs", "dilated", "window")),
     (3, ("ring",)),
-    (4, ("ring", "docs", "dilated", "ulysses")),
+    (4, ("ring", "docs", "dilated", "window", "ulysses")),
 ])
 def test_multirank_shared_gpu(world, what):
     results = run_distributed(_worker, world, what, timeout=TIMEOUT_S)

@@ -145,14 +145,18 @@ def _flex(q, k, v, ids, dev) -> float:
     return timeit(step, dev, warmup=2, iters=5, group=None)
 
 
-def e2e_rows(seq: int, dev) -> list[dict]:
+E2E_ROWS = ("plain", "right_padded", "equal", "mixed")
+E2E_IMPLS = ("seqpar_ring", "sdpa", "flex_attention")
+
+
+def e2e_rows(seq: int, dev, kinds=E2E_ROWS, impls=E2E_IMPLS) -> list[dict]:
     from seqpar_ring.tools import plan as planner
 
     spec = planner.PRESETS["llama-1.1b"]
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, spec.vocab, (1, seq), generator=g)
     batches = {}
-    for kind in ("plain", "right_padded", "equal", "mixed"):
+    for kind in kinds:
         pos = torch.arange(seq)[None]
         mask = None
         if kind == "right_padded":
@@ -163,7 +167,7 @@ def e2e_rows(seq: int, dev) -> list[dict]:
         batches[kind] = dict(input_ids=ids, position_ids=pos, attention_mask=mask,
                              labels=ids.masked_fill(mask == 0, -100) if mask is not None else ids)
     rows = []
-    for impl in ("seqpar_ring", "sdpa", "flex_attention"):
+    for impl in impls:
         rows += _e2e_impl(impl, spec, batches, seq, dev)
         gc.collect()
         torch.cuda.empty_cache()
@@ -212,6 +216,10 @@ def main(argv=None) -> None:
     ap.add_argument("--e2e-seq", type=int, default=32768, help="end-to-end rows: tokens per row")
     ap.add_argument("--skip-e2e", action="store_true", help="attention rows only")
     ap.add_argument("--skip-attention", action="store_true", help="end-to-end rows only")
+    ap.add_argument("--e2e-rows", nargs="+", choices=E2E_ROWS, default=list(E2E_ROWS),
+                    help="end-to-end rows to run")
+    ap.add_argument("--e2e-impls", nargs="+", choices=E2E_IMPLS, default=list(E2E_IMPLS),
+                    help="end-to-end implementations to run (flex_attention compiles per row)")
     ap.add_argument("--out", default="packed.json", help="JSON file to write")
     ap.add_argument("--fused-min-rows", type=int, default=None,
                     help="override seqpar_ring.documents.FUSED_MIN_ROWS (1 = no tiny call "
@@ -235,7 +243,7 @@ def main(argv=None) -> None:
                         f"{documents.FUSED_MIN_ROWS}")
         payload["attention"] = rows
     if not a.skip_e2e and rank == 0:
-        rows = e2e_rows(a.e2e_seq, dev)
+        rows = e2e_rows(a.e2e_seq, dev, a.e2e_rows, a.e2e_impls)
         print_table(rows, ["impl", "row", "tokens_per_s", "step_s", "peak_gib", "status"],
                     f"end to end, 1.1B Llama shape, {a.e2e_seq} tokens, bf16, checkpointing, "
                     "fwd+bwd")

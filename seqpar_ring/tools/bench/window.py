@@ -12,7 +12,7 @@ visible (query, key) pairs only: sum_i min(i + 1, W) for the window, S(S+1)/2 de
 "vs dense" column compares how well each uses the GPU, not how much work it skips.
 
 End to end (``--e2e-seq``, default 32,768 and 65,536; MistralForCausalLM with hidden 2048,
-22 layers, 32/8 heads, intermediate 5632, vocab 32000, sliding_window 4096, random weights, bf16,
+22 layers, 32/8 heads of ``--head-dim`` 64 (1.1B parameters), intermediate 5632, vocab 32000, sliding_window 4096, random weights, bf16,
 gradient checkpointing, one row, forward+backward): ``patch`` (SP = 1) next to transformers'
 ``flex_attention`` and ``sdpa``; tokens/s and peak memory.
 """
@@ -116,11 +116,11 @@ def attention_rows(a, dev) -> list[dict]:
     return rows
 
 
-def build_mistral(attn: str, window: int):
+def build_mistral(attn: str, window: int, head_dim: int = 64):
     from transformers import MistralConfig, MistralForCausalLM
 
     cfg = MistralConfig(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
-                        num_key_value_heads=8, head_dim=128, intermediate_size=5632,
+                        num_key_value_heads=8, head_dim=head_dim, intermediate_size=5632,
                         vocab_size=32000, sliding_window=window, attention_dropout=0.0,
                         max_position_embeddings=2**20, use_cache=False)
     torch.manual_seed(0)
@@ -135,8 +135,9 @@ def e2e_rows(a, dev) -> list[dict]:
     from seqpar_ring.integrations.hf import SPDataCollator, patch
 
     rows = []
-    for impl in ("seqpar_ring", "flex_attention", "sdpa"):
-        model = build_mistral("sdpa" if impl == "seqpar_ring" else impl, a.window).to(dev)
+    for impl in a.e2e_impls:
+        model = build_mistral("sdpa" if impl == "seqpar_ring" else impl, a.window,
+                              a.head_dim).to(dev)
         collate = None
         if impl == "seqpar_ring":
             cfg = SeqParConfig(sp_size=1)
@@ -182,6 +183,10 @@ def main(argv=None) -> None:
     ap.add_argument("--sdpa-max-seq", type=int, default=65536,
                     help="sdpa with a boolean (S x S) mask only up to this length")
     ap.add_argument("--e2e-seq", type=int, nargs="+", default=[32768, 65536])
+    ap.add_argument("--head-dim", type=int, default=64,
+                    help="end to end: head_dim (64 = hidden / heads, the 1.1B shape)")
+    ap.add_argument("--e2e-impls", nargs="+", default=["seqpar_ring", "flex_attention", "sdpa"],
+                    choices=["seqpar_ring", "flex_attention", "sdpa"])
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--skip-attention", action="store_true")
@@ -202,7 +207,8 @@ def main(argv=None) -> None:
         rows = e2e_rows(a, dev)
         print_table(rows, ["impl", "seq", "tokens_per_s", "step_s", "peak_gib", "vs_flex",
                            "mem_vs_flex", "status"],
-                    f"end to end, 1.1B Mistral shape (sliding_window {a.window}), bf16, "
+                    f"end to end, 1.1B Mistral shape (head_dim {a.head_dim}, sliding_window "
+                    f"{a.window}), bf16, "
                     "checkpointing, one row, fwd+bwd")
         payload["e2e"] = rows
     write_json(a.out, payload)
