@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from seqpar_ring import comm as C
 from seqpar_ring.agreement import agree
 from seqpar_ring.groups import SPGroups
 
@@ -213,7 +214,8 @@ def _all_reduce_mean_over_dp(params: list[nn.Parameter], groups: SPGroups) -> No
     # A parameter unused on some rank (no grad there) still takes part, as zeros.
     device = next((p.grad.device for p in params if p.grad is not None), params[0].device)
     has = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8, device=device)
-    dist.all_reduce(has, op=dist.ReduceOp.MAX, group=group)
+    # through the transport: bounded waits, staged when gloo carries CUDA tensors (shared GPU)
+    C.all_reduce(has, group, op=dist.ReduceOp.MAX, what="gradient presence all-reduce")
     for p, flag in zip(params, has.tolist()):
         if flag and p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -227,7 +229,7 @@ def _all_reduce_mean_over_dp(params: list[nn.Parameter], groups: SPGroups) -> No
     for chain in buckets.values():
         for bucket in chain:
             flat = torch.cat([g.detach().reshape(-1) for g in bucket])
-            dist.all_reduce(flat, group=group)
+            C.all_reduce(flat, group, what="SP gradient all-reduce")
             if groups.dp_size > 1:
                 flat.div_(groups.dp_size)
             offset = 0

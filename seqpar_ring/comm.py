@@ -157,18 +157,20 @@ def wait(work, timeout_s: float, what: str, group) -> None:
         ) from cause
 
 
-def exchange(group, sends, recvs, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-    """Point-to-point exchange inside ``group`` and wait for it.
+def post_exchange(group, sends, recvs) -> list:
+    """Post a point-to-point exchange inside ``group``; finish it with `wait_exchange`.
 
     sends: [(tensor, dst_group_rank, tag)], recvs: [(buffer, src_group_rank, tag)]. Messages
     between one pair of ranks are matched in the order given (and by tag where supported), so
-    both sides must list them in the same order.
+    both sides must list them in the same order. Staged through host buffers when the backend
+    cannot carry the tensors' device (`seqpar_ring.stage`): the receive buffers are filled, and
+    the sent tensors may be reused, only after `wait_exchange`.
     """
     for t, _, _ in sends:
         comm_stats.bytes_sent += t.numel() * t.element_size()
         comm_stats.messages += 1
     if not sends and not recvs:
-        return
+        return _Staged([], [], [])
     first = (sends or recvs)[0][0]
     pairs = []
     if stage.needs_stage(group, first):  # host copies of the sends; receive into host buffers
@@ -180,7 +182,17 @@ def exchange(group, sends, recvs, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
            for t, r, tag in sends]
     ops += [dist.P2POp(dist.irecv, t, dist.get_global_rank(group, r), group, tag)
             for t, r, tag in recvs]
-    works = _Staged(dist.batch_isend_irecv(ops), pairs, sends)
+    return _Staged(dist.batch_isend_irecv(ops), pairs, sends)
+
+
+def wait_exchange(works, timeout_s: float, what: str, group) -> None:
+    """Wait (bounded) for a `post_exchange`; staged receives then land in their buffers."""
+    _wait_all(works, timeout_s, what, group)
+
+
+def exchange(group, sends, recvs, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """`post_exchange` and wait for it."""
+    works = post_exchange(group, sends, recvs)
     _wait_all(works, timeout_s, "point-to-point exchange (dilated sub-ring re-deal)", group)
 
 

@@ -16,7 +16,6 @@ accumulator. Kernels, block calls and the log-sum-exp merge are the ring's (`rin
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from . import calls as K
 from . import comm as C
@@ -26,24 +25,17 @@ _KV_TAG, _DKV_TAG = 64, 96
 
 
 def _post(ps, sends, recvs, tag: int):
-    """Post point-to-point messages: sends [(tensor, group rank)], recvs [(buffer, rank)]."""
-    g = ps.ring_group
-    ops = [dist.P2POp(dist.isend, t, dist.get_global_rank(g, r), g, tag + i)
-           for i, (t, r) in enumerate(sends)]
-    ops += [dist.P2POp(dist.irecv, t, dist.get_global_rank(g, r), g, tag + i)
-            for i, (t, r) in enumerate(recvs)]
-    for t, _ in sends:
-        C.comm_stats.bytes_sent += t.numel() * t.element_size()
-        C.comm_stats.messages += 1
-    return dist.batch_isend_irecv(ops) if ops else []
+    """Post point-to-point messages: sends [(tensor, group rank)], recvs [(buffer, rank)] —
+    through the transport, so a gloo group on CUDA tensors stages them through host memory."""
+    return C.post_exchange(ps.ring_group, [(t, r, tag + i) for i, (t, r) in enumerate(sends)],
+                           [(t, r, tag + i) for i, (t, r) in enumerate(recvs)])
 
 
 def _wait(ps, works, step) -> None:
     what = (f"windowed ring exchange (distance {step.delta}: send to rank {step.send_to}, "
             f"receive from rank {step.recv_from}) — a peer that stopped before this step never "
             "sends")
-    for w in works:
-        C.wait(w, ps.timeout_s, what, ps.ring_group)
+    C.wait_exchange(works, ps.timeout_s, what, ps.ring_group)
 
 
 class _PeerKV:

@@ -3,9 +3,9 @@
 On a gloo group CUDA tensors go through host buffers in the transport. CPU CI has no CUDA, so
 ``stage.forced()`` sends CPU tensors through the same staged code (host copies, the gloo op on
 separate buffers, copies back). In one spawned group of 4 ranks every collective of the
-product — ring exchange, K/V all-gather and dK/dV reduce-scatter, the dilated re-deal, the
-Ulysses all-to-all and id all-gather, the documents' id gather, the loss all-reduce, the
-agreement — runs staged and unstaged, and the results must be bitwise equal. A group whose
+product — ring exchange, K/V all-gather and dK/dV reduce-scatter, the windowed peer exchange,
+the dilated re-deal, the Ulysses all-to-all and id all-gather, the documents' id gather, the
+loss all-reduce, `sync_sp_gradients`' all-reduces, the agreement — runs staged and unstaged, and the results must be bitwise equal. A group whose
 backend cannot carry the tensors (NCCL with CPU tensors, simulated) raises on every rank at
 once, naming the fix.
 """
@@ -24,6 +24,7 @@ from _exact import make_inputs
 from seqpar_ring import dilated_attention, ring_attention, sp_cross_entropy, stage
 from seqpar_ring import groups as G
 from seqpar_ring.agreement import AgreementError
+from seqpar_ring.comm import comm_stats
 from seqpar_ring.layout import gather, shard
 
 TIMEOUT_S = 240.0
@@ -73,6 +74,25 @@ def _cases(rank: int, world: int, groups) -> list[list[torch.Tensor]]:
         results.append(_fwd_bwd(lambda q, k, v: ulysses_ring_attention(
             q, k, v, groups, causal=causal, layout="zigzag", kernel="torch", doc_ids=doc),
             data, world, sp_rank, "zigzag", u))
+    for layout, w in itertools.product(("contiguous", "zigzag"), (5, 12)):  # windowed peers
+        data = make_inputs(20 + w, 2, SEQ, H, HKV, D)
+        doc = shard(ids, world, rank, layout).contiguous()
+        sent, staged = comm_stats.bytes_sent, stage.stats.bytes_to_host
+        results.append(_fwd_bwd(lambda q, k, v: ring_attention(
+            q, k, v, group, causal=True, layout=layout, kernel="torch", window=w, doc_ids=doc),
+            data, world, rank, layout))
+        # every byte the peer exchange sent went through the stage when staging is on
+        WINDOW_BYTES.append((comm_stats.bytes_sent - sent, stage.stats.bytes_to_host - staged))
+    from seqpar_ring.integrations.hf_grads import _all_reduce_mean_over_dp
+
+    params = [torch.nn.Parameter(torch.zeros(3, dtype=torch.float64)) for _ in range(3)]
+    params[0].grad = torch.arange(3.0, dtype=torch.float64) * (rank + 1)
+    if rank == 0:  # a gradient only one rank has: the others take part with zeros
+        params[1].grad = torch.full((3,), 0.5, dtype=torch.float64)
+    before = stage.stats.collectives
+    _all_reduce_mean_over_dp(params, groups)  # sync_sp_gradients' all-reduces
+    SYNC_STAGED.append(stage.stats.collectives - before)
+    results.append([p.grad for p in params[:2]])
     logits = torch.randn(2, SEQ, 11, generator=torch.Generator().manual_seed(3),
                          dtype=torch.float64)
     labels = torch.randint(0, 11, (2, SEQ), generator=torch.Generator().manual_seed(4))
@@ -84,15 +104,25 @@ def _cases(rank: int, world: int, groups) -> list[list[torch.Tensor]]:
     return results
 
 
+WINDOW_BYTES: list[tuple[int, int]] = []  # (bytes sent, bytes staged) of each windowed case
+SYNC_STAGED: list[int] = []  # staged collectives of the gradient sync
+
+
 def _staging_worker(rank: int, world: int) -> dict:
     groups = G.initialize(world, ulysses_size=2)
     try:
         stage.stats.reset()
         plain = _cases(rank, world, groups)
         unstaged = stage.stats.collectives
+        WINDOW_BYTES.clear()
+        SYNC_STAGED.clear()
         with stage.forced():
             staged = _cases(rank, world, groups)
         n_staged = stage.stats.collectives - unstaged
+        for sent, to_host in WINDOW_BYTES:
+            assert 0 < sent <= to_host, f"windowed exchange: {sent} B sent, {to_host} B staged"
+        # the agreement, the presence all-reduce and one bucket's all-reduce
+        assert SYNC_STAGED == [3], f"gradient sync staged {SYNC_STAGED} collectives"
         for i, (a, b) in enumerate(zip(plain, staged)):
             for j, (x, y) in enumerate(zip(a, b)):
                 assert torch.equal(x, y), f"case {i} tensor {j}: staged != unstaged"
@@ -116,7 +146,7 @@ def _staging_worker(rank: int, world: int) -> dict:
 def test_staged_collectives_equal_unstaged_and_carry_error_on_every_rank():
     results = run_distributed(_staging_worker, 4, timeout=TIMEOUT_S)
     for r in results:
-        assert r["cases"] == 20
+        assert r["cases"] == 25
         assert r["unstaged"] == 0  # CPU tensors on gloo: nothing staged unless forced
         assert r["staged"] >= 100, r  # every collective of every case went through the stage
         assert r["waited"] < 30, r
