@@ -5,6 +5,7 @@
 #   bash .ci/gpu_shared.sh models      # gpu suite: HF + DeepSpeed adapters, kernel tests
 #   bash .ci/gpu_shared.sh bench-packed  # bench packed (before/after the tiny-call fix) + e2e
 #   bash .ci/gpu_shared.sh bench-ring    # bench ring at 64K and 256K, 2 and 4 ranks on 1 GPU
+#   bash .ci/gpu_shared.sh bench-window  # bench window: attention 64K/256K, 1.1B Mistral e2e
 # DeepSpeed is installed from wheels under shared/wheels when present (the GPU image has none).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,13 +32,17 @@ attention)
     run_suite tests/test_gpu_multirank.py tests/test_gpu_documents.py
     ;;
 models)
-    run_suite tests/test_gpu_models.py tests/test_gpu.py
+    run_suite tests/test_gpu_models.py tests/test_gpu.py tests/test_gpu_window.py
     ;;
 bench-packed)
-    # before / after the tiny-call fix on the packed rows (one process), then 2 and 4 ranks
+    # before / after the tiny-call fix on the packed rows (one process): attention rows, then
+    # the end-to-end 8 x 4K and mixed rows of seqpar_ring alone; then 2 and 4 ranks
     for rows in 1 64; do
         timeout 150 python -m seqpar_ring.bench packed --skip-e2e --fused-min-rows "$rows" \
             --out "$out/packed_w1_minrows$rows.json" 2>&1 | tail -8
+        timeout 90 python -m seqpar_ring.bench packed --skip-attention --e2e-impls seqpar_ring \
+            --e2e-rows equal mixed --fused-min-rows "$rows" \
+            --out "$out/packed_e2e_minrows$rows.json" 2>&1 | tail -4
     done
     for n in 2 4; do
         timeout 120 torchrun --nproc-per-node "$n" -m seqpar_ring.bench packed --skip-e2e \
@@ -54,8 +59,12 @@ bench-ring)
             --memory-seq 65536 --out "$out/ring_shared$n.json" 2>&1 | grep -v Warning | tail -16
     done
     ;;
+bench-window)
+    timeout 540 python -m seqpar_ring.bench window --out "$out/window.json" 2>&1 \
+        | grep -v Warning | tail -24
+    ;;
 *)
-    echo "usage: $0 attention|models|bench-packed|bench-ring" >&2
+    echo "usage: $0 attention|models|bench-packed|bench-ring|bench-window" >&2
     exit 2
     ;;
 esac

@@ -170,6 +170,7 @@ def _worker(rank: int, world: int, port: int, args) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(minutes=5))
     try:
         train(args)
+        dist.barrier()  # no rank tears the group down while a peer still talks to it
     finally:
         dist.destroy_process_group()
 
