@@ -5,9 +5,9 @@ On a gloo group CUDA tensors go through host buffers in the transport. CPU CI ha
 separate buffers, copies back). In one spawned group of 4 ranks every collective of the
 product — ring exchange, K/V all-gather and dK/dV reduce-scatter, the windowed peer exchange,
 the dilated re-deal, the Ulysses all-to-all and id all-gather, the documents' id gather, the
-loss all-reduce, `sync_sp_gradients`' all-reduces, the agreement — runs staged and unstaged, and the results must be bitwise equal. A group whose
-backend cannot carry the tensors (NCCL with CPU tensors, simulated) raises on every rank at
-once, naming the fix.
+loss all-reduce, `sync_sp_gradients`' all-reduces, the agreement — runs staged and unstaged,
+and the results must be bitwise equal. A group whose backend cannot carry the tensors (NCCL
+with CPU tensors, simulated) raises on every rank at once, naming the fix.
 """
 
 from __future__ import annotations

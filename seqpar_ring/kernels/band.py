@@ -71,7 +71,9 @@ def band_forward(prim, q, k, v, band, scale):
             _rev(segmented(q[:, :, w:body], w)[:, :, :w - 1]),
             _rev(segmented(k[:, :, :body - w], w)[:, :, 1:]),
             _rev(segmented(v[:, :, :body - w], w)[:, :, 1:]), scale)
-        _merge(o.unflatten(0, (b, m))[:, 1:, :, :w - 1], lse.unflatten(0, (b, m))[:, 1:, :, :w - 1],
+        # rows 0 .. W-2 of blocks 1 .. m-1 hold both results
+        _merge(o.unflatten(0, (b, m))[:, 1:, :, :w - 1],
+               lse.unflatten(0, (b, m))[:, 1:, :, :w - 1],
                _rev(o2).unflatten(0, (b, m - 1)), _rev(lse2).unflatten(0, (b, m - 1)))
     out = unsegmented(o, b)
     lse = unsegmented(lse.unsqueeze(-1), b).squeeze(-1)
@@ -80,7 +82,7 @@ def band_forward(prim, q, k, v, band, scale):
     # rows after the last whole block: their window starts in the last whole block
     o3, lse3 = prim.band_forward(q[:, :, body:], k[:, :, body - w + 1:], v[:, :, body - w + 1:],
                                  band, scale)
-    full = torch.empty((b, nq, *q.shape[1:2], o.shape[-1]), dtype=o.dtype, device=o.device)
+    full = torch.empty((b, nq, q.shape[1], o.shape[-1]), dtype=o.dtype, device=o.device)
     full = full.transpose(1, 2)  # (B, H, n, D) over the model's (B, n, H, D) memory
     full[:, :, :body], full[:, :, body:] = out, o3
     return full, torch.cat([lse, lse3.to(lse.dtype)], dim=2)
