@@ -3,8 +3,10 @@
 Windows smaller than a zigzag chunk, between a chunk and a shard, larger than a shard and larger
 than the sequence; contiguous and zigzag; GQA; plain, packed and padded rows; with and without
 sinks; fp64 (1e-10) and fp32 (1e-5); forward and every gradient (dq, dk, dv, dsinks) at SP
-1, 2, 3 and 4 (one spawned gloo group per world size runs every case). Also: the window geometry
-against a brute-force mask, and the bytes a windowed layer sends.
+1, 2, 3 and 4 (one spawned gloo group per world size runs every case); the fp64 cases again at
+SP 1-3 with the bands computed as the cuDNN kernel computes them (`kernels/band.py` on the torch
+kernel's causal calls). Also: the window geometry against a brute-force mask, and the bytes a
+windowed layer sends.
 """
 
 from __future__ import annotations
@@ -143,13 +145,59 @@ def _check(rank: int, world: int, case: dict, seed: int) -> None:
         assert err <= tol * scale, f"rank {rank}/{world} {case}: {name} err {err:.3e}"
 
 
-def _all_cases(rank: int, world: int) -> int:
-    n = 0
+def _banded_torch_kernel(calls: list):
+    """The torch kernel with its bands computed the way the cuDNN kernel computes them
+    (`kernels/band.py`: W-blocks and reversed rows on causal calls), so the ring's windowed
+    calls reach that decomposition on CPU. ``calls`` collects the causal calls it makes."""
+    from types import SimpleNamespace
+
+    from seqpar_ring.kernels import TorchKernel
+    from seqpar_ring.kernels import band as B
+    from seqpar_ring.kernels import torch_kernel as T
+
+    def causal_forward(q, k, v, s):
+        calls.append(q.shape[2])
+        return T.block_forward(q, k, v, causal=True, scale=s)
+
+    prim = SimpleNamespace(
+        causal_forward=causal_forward,
+        causal_backward=lambda do, q, k, v, o, l_, s, d: T.block_backward(
+            do, q, k, v, o, l_, causal=True, scale=s, delta=d),
+        band_forward=lambda q, k, v, b, s: T.block_forward(q, k, v, causal=False, scale=s,
+                                                           band=b),
+        band_backward=lambda do, q, k, v, o, l_, b, s, d: T.block_backward(
+            do, q, k, v, o, l_, causal=False, scale=s, band=b, delta=d))
+
+    def forward(q, k, v, *, causal, scale, band=None, **kw):
+        if band is None or kw.get("q_doc") is not None:
+            return T.block_forward(q, k, v, causal=causal, scale=scale, band=band, **kw)
+        return B.band_forward(prim, q, k, v, band, scale)
+
+    def backward(dout, q, k, v, out, lse, *, causal, scale, band=None, delta=None, **kw):
+        if band is None or kw.get("q_doc") is not None:
+            return T.block_backward(dout, q, k, v, out, lse, causal=causal, scale=scale,
+                                    band=band, delta=delta, **kw)
+        return B.band_backward(prim, dout, q, k, v, out, lse, band, scale, delta)
+
+    return SimpleNamespace(**{**vars(TorchKernel), "forward": forward, "backward": backward})
+
+
+def _all_cases(rank: int, world: int, banded: bool = False) -> int:
+    n, cases = 0, list(_cases(world))
+    calls: list = []
+    if banded:  # fp64 ring cases whose windows cut shards into several W-blocks
+        from seqpar_ring import kernels
+
+        kernels.KERNELS["torch"] = _banded_torch_kernel(calls)
+        cases = [c for c in cases if c["dtype"] == torch.float64 and c["window"] in (2, 7, 9)
+                 and c["comm"] == "ring" and "ulysses" not in c]
     with single_thread():
-        for i, case in enumerate(_cases(world)):
+        for i, case in enumerate(cases):
             _check(rank, world, case, seed=100 + i)
             n += 1
     sp_groups.destroy()
+    if banded:
+        assert calls, "no windowed call reached kernels/band.py"
     return n
 
 
@@ -160,6 +208,22 @@ def test_window_world1():
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_window_ring(world):
     run_distributed(_all_cases, world, timeout=TIMEOUT_S)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_window_ring_on_band_calls(world):
+    """The cuDNN kernel's band decomposition inside whole windowed passes (diagonal W-blocks,
+    reversed neighbour rectangles, documents), fp64 against the reference."""
+    if world == 1:
+        from seqpar_ring import kernels
+
+        saved = kernels.KERNELS["torch"]
+        try:
+            assert _all_cases(0, 1, True) == 18
+        finally:
+            kernels.KERNELS["torch"] = saved
+        return
+    assert all(n == 18 for n in run_distributed(_all_cases, world, True, timeout=TIMEOUT_S))
 
 
 def _bytes(rank: int, world: int) -> dict:
