@@ -137,3 +137,28 @@ def to_bytes(obj: Any) -> bytes:
 
 def from_bytes(blob: bytes) -> Any:
     return torch.load(io.BytesIO(blob), weights_only=True)
+
+
+def band_prim(log: list):
+    """`kernels/band.py`'s primitives on the torch kernel (standing in for cuDNN's causal calls
+    and FlashAttention's window); every call appends "causal" or "band" to ``log``."""
+    from types import SimpleNamespace
+
+    from seqpar_ring.kernels import torch_kernel as T
+
+    def rec(name, fn):
+        def call(*a):
+            log.append(name)
+            return fn(*a)
+        return call
+
+    return SimpleNamespace(
+        causal_forward=rec("causal", lambda q, k, v, s: T.block_forward(
+            q, k, v, causal=True, scale=s)),
+        causal_backward=rec("causal", lambda do, q, k, v, o, l_, s, d: T.block_backward(
+            do, q, k, v, o, l_, causal=True, scale=s, delta=d)),
+        band_forward=rec("band", lambda q, k, v, b, s: T.block_forward(
+            q, k, v, causal=False, scale=s, band=b)),
+        band_backward=rec("band", lambda do, q, k, v, o, l_, b, s, d: T.block_backward(
+            do, q, k, v, o, l_, causal=False, scale=s, band=b, delta=d)),
+    )

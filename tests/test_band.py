@@ -2,32 +2,12 @@
 equals the band computed directly — forward and every gradient, fp64 (≤ 1e-12), on the torch
 kernel standing in for cuDNN; the calls it makes are the ones the module doc names."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
+from _exact import band_prim
 
 from seqpar_ring.kernels import band as B
 from seqpar_ring.kernels import torch_kernel as T
-
-
-def _prim(log):
-    def rec(name, fn):
-        def call(*a):
-            log.append(name)
-            return fn(*a)
-        return call
-
-    return SimpleNamespace(
-        causal_forward=rec("causal", lambda q, k, v, s: T.block_forward(
-            q, k, v, causal=True, scale=s)),
-        causal_backward=rec("causal", lambda do, q, k, v, o, l_, s, d: T.block_backward(
-            do, q, k, v, o, l_, causal=True, scale=s, delta=d)),
-        band_forward=rec("band", lambda q, k, v, b, s: T.block_forward(
-            q, k, v, causal=False, scale=s, band=b)),
-        band_backward=rec("band", lambda do, q, k, v, o, l_, b, s, d: T.block_backward(
-            do, q, k, v, o, l_, causal=False, scale=s, band=b, delta=d)),
-    )
 
 
 def _inputs(b, n, h, hkv, d=8, seed=0):
@@ -57,12 +37,12 @@ def test_band_from_causal_calls(b, n, h, hkv, band, calls):
     out, lse = T.block_forward(q, k, v, causal=False, scale=scale, band=band)
     want = T.block_backward(do, q, k, v, out, lse, causal=False, scale=scale, band=band)
     log = []
-    o, l_ = B.band_forward(_prim(log), q, k, v, band, scale)
+    o, l_ = B.band_forward(band_prim(log), q, k, v, band, scale)
     assert log == calls
     torch.testing.assert_close(o, out, atol=1e-12, rtol=0)
     torch.testing.assert_close(l_, lse, atol=1e-12, rtol=0)
     delta = (do * out).sum(-1)
-    got = B.band_backward(_prim([]), do, q, k, v, out, lse, band, scale, delta)
+    got = B.band_backward(band_prim([]), do, q, k, v, out, lse, band, scale, delta)
     for name, g, w in zip("qkv", got, want):
         assert g.shape == w.shape, name
         torch.testing.assert_close(g, w, atol=1e-12, rtol=0, msg=f"d{name}")
