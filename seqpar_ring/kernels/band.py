@@ -45,6 +45,19 @@ def _seg_rows(x: torch.Tensor | None, w: int) -> torch.Tensor | None:
     return None if x is None else segmented(x.unsqueeze(-1), w).squeeze(-1)
 
 
+def _heads(x: torch.Tensor, w: int, body: int) -> torch.Tensor:
+    """Queries of the reversed call (2): rows 0 .. W-2 of blocks 1 .. m-1, reversed.
+    ``x`` (B, H, n, ...) or per-row (B, H, n); ``body`` = m * W."""
+    rows = x[:, :, w:body]
+    seg = segmented(rows, w) if rows.dim() == 4 else _seg_rows(rows, w)
+    return _rev(seg[:, :, :w - 1])
+
+
+def _tails(x: torch.Tensor, w: int, body: int) -> torch.Tensor:
+    """Keys of the reversed call (2): rows 1 .. W-1 of blocks 0 .. m-2, reversed."""
+    return _rev(segmented(x[:, :, :body - w], w)[:, :, 1:])
+
+
 def _reversed(band, nq: int, nk: int) -> bool:
     return band == (0, None) and nq == nk
 
@@ -67,10 +80,8 @@ def band_forward(prim, q, k, v, band, scale):
     o, lse = prim.causal_forward(segmented(q[:, :, :body], w), segmented(k[:, :, :body], w),
                                  segmented(v[:, :, :body], w), scale)
     if m > 1:
-        o2, lse2 = prim.causal_forward(
-            _rev(segmented(q[:, :, w:body], w)[:, :, :w - 1]),
-            _rev(segmented(k[:, :, :body - w], w)[:, :, 1:]),
-            _rev(segmented(v[:, :, :body - w], w)[:, :, 1:]), scale)
+        o2, lse2 = prim.causal_forward(_heads(q, w, body), _tails(k, w, body),
+                                       _tails(v, w, body), scale)
         # rows 0 .. W-2 of blocks 1 .. m-1 hold both results
         _merge(o.unflatten(0, (b, m))[:, 1:, :, :w - 1],
                lse.unflatten(0, (b, m))[:, 1:, :, :w - 1],
@@ -109,25 +120,19 @@ def band_backward(prim, dout, q, k, v, out, lse, band, scale, delta=None):
     w = band[0] + 1
     b, m, body = q.shape[0], nq // w, (nq // w) * w
 
-    def seg(x, lo=0, hi=body):
-        return segmented(x[:, :, lo:hi], w)
+    def seg(x):
+        return segmented(x[:, :, :body], w)
 
-    def seg_r(x, lo=0, hi=body):
-        return None if x is None else _seg_rows(x[:, :, lo:hi], w)
+    def seg_r(x):
+        return None if x is None else _seg_rows(x[:, :, :body], w)
 
     dq, dk, dv = prim.causal_backward(seg(dout), seg(q), seg(k), seg(v), seg(out), seg_r(lse),
                                       scale, seg_r(delta))
     if m > 1:
-        def head(x):  # first W - 1 rows of blocks 1 .. m-1, reversed
-            return _rev(x[:, :, :w - 1])
-
-        def tail(x):  # last W - 1 rows of blocks 0 .. m-2, reversed
-            return _rev(x[:, :, 1:])
-
         d2 = prim.causal_backward(
-            head(seg(dout, w)), head(seg(q, w)), tail(seg(k, 0, body - w)),
-            tail(seg(v, 0, body - w)), head(seg(out, w)), head(seg_r(lse, w)), scale,
-            None if delta is None else head(seg_r(delta, w)))
+            _heads(dout, w, body), _heads(q, w, body), _tails(k, w, body), _tails(v, w, body),
+            _heads(out, w, body), _heads(lse, w, body), scale,
+            None if delta is None else _heads(delta, w, body))
         dq.unflatten(0, (b, m))[:, 1:, :, :w - 1] += _rev(d2[0]).unflatten(0, (b, m - 1))
         for g, g2 in ((dk, d2[1]), (dv, d2[2])):
             g.unflatten(0, (b, m))[:, :m - 1, :, 1:] += _rev(g2).unflatten(0, (b, m - 1))
