@@ -141,19 +141,24 @@ def wait(work, timeout_s: float, what: str, group) -> None:
     if _is_nccl(group):
         work.wait()
         return
+    cause = None
     try:
         done = work.wait(timeout=timedelta(seconds=timeout_s)) is not False
+    except TypeError:  # a backend whose Work.wait takes no timeout: the group's own timeout
+        done = work.wait() is not False
     except RuntimeError as err:  # gloo raises on timeout and when a peer's connection drops
         done, cause = False, err
-    else:
-        cause = None
     if not done:
         ranks = dist.get_process_group_ranks(group)
+        if cause is not None and "timed out" not in str(cause).lower():
+            happened = "failed: a peer closed its connection (it crashed or exited)"
+        else:
+            happened = f"did not complete within {timeout_s:.0f}s: a peer is stuck, crashed or " \
+                "running other code"
         raise RuntimeError(
-            f"seqpar_ring: {what} over ranks {ranks} did not complete within {timeout_s:.0f}s "
-            f"(rank {dist.get_rank()}): a peer is stuck, crashed or running other code. Check "
-            "the other ranks' errors first; raise SeqParConfig.comm_timeout_s only if steps are "
-            "legitimately this slow" + (f" [{cause}]" if cause is not None else "")
+            f"seqpar_ring: {what} over ranks {ranks} {happened} (rank {dist.get_rank()}). "
+            "Check the other ranks' errors first; raise SeqParConfig.comm_timeout_s only if "
+            "steps are legitimately this slow" + (f" [{cause}]" if cause is not None else "")
         ) from cause
 
 

@@ -16,7 +16,6 @@ copied because the model has fewer K/V heads than the Ulysses size).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -43,20 +42,7 @@ a2a_stats = A2AStats()
 
 
 def _wait(work, timeout_s: float, what: str, group) -> None:
-    if "nccl" in str(dist.get_backend(group)):
-        work.wait()  # stream-ordered; the NCCL watchdog enforces the group's timeout
-        return
-    timeout = timedelta(seconds=timeout_s)
-    try:
-        done = work.wait(timeout=timeout) is not False
-    except TypeError:  # backends whose Work.wait takes no timeout rely on the group's timeout
-        done = work.wait() is not False
-    if not done:
-        ranks = dist.get_process_group_ranks(group)
-        raise RuntimeError(
-            f"{what} over ranks {ranks} did not complete within {timeout_s:.0f}s: a peer is stuck "
-            "or crashed; raise SeqParConfig.comm_timeout_s if steps are legitimately this slow"
-        )
+    C.wait(work, timeout_s, what, group)
 
 
 def _count(nbytes: int) -> None:

@@ -403,7 +403,7 @@ def ring_attention(
     docs = None
     if doc_ids is not None:
         docs = documents_for(doc_ids, group, layout, causal, origins, me, chunks_of,
-                             min_rows=1 if chosen[0].name == "torch" else None)  # any shape
+                             min_rows=getattr(chosen[0], "min_rows", None))
     docs = None if docs is None or docs.trivial else docs
     wplan = None
     if window is not None:

@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from .documents import DocPlan
-from .schedule import BlockCall, Chunks
+from .schedule import BlockCall, Chunks, VarlenSpec
 
 __all__ = ["check_window", "window_rect", "plan_pair", "plan_window", "WindowPlan", "PeerStep"]
 
@@ -105,10 +105,19 @@ def plan_pair(q_chunks: Chunks, k_chunks: Chunks, window: int) -> list[BlockCall
 def windowed_call(call: BlockCall, q_chunks: Chunks, k_chunks: Chunks, window: int
                   ) -> BlockCall | None:
     """A document plan's call (`documents.DocPlan`) cut to what the window reaches."""
-    if call.varlen is not None or call.window is not None:
-        # several documents batched on one diagonal: each sequence is square and causal
+    if call.causal and (call.varlen is not None or call.window is not None):
+        # documents on one diagonal (batched, or one short run as varlen): each sequence is
+        # square and causal
         longest = call.varlen.max_q if call.varlen is not None else call.window
         return call if window >= longest else replace(call, causal=False, band=(window - 1, 0))
+    if call.varlen is not None:
+        # a short past rectangle sent as a one-sequence varlen call (fused kernels,
+        # `documents._small_to_varlen`): cut it as the rectangle it is, then keep it varlen
+        cut = windowed_call(replace(call, varlen=None), q_chunks, k_chunks, window)
+        if cut is None:
+            return None
+        shape = ((cut.q.stop - cut.q.start, cut.k.stop - cut.k.start),)
+        return replace(cut, varlen=VarlenSpec.of(shape))
     a, q0 = _locate(call.q.start, q_chunks)
     b, k0 = _locate(call.k.start, k_chunks)
     q1, k1 = q0 + call.q.stop - call.q.start, k0 + call.k.stop - call.k.start

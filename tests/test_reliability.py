@@ -161,7 +161,10 @@ def _skipped_backward(rank: int, world: int) -> str:
 def test_backward_on_one_rank_only_times_out_with_our_message():
     msgs = run_distributed(_skipped_backward, 2, timeout=60.0)
     assert msgs[1] == "skipped"
-    assert "seqpar_ring: ring exchange" in msgs[0] and "did not complete within 3s" in msgs[0]
+    assert "seqpar_ring: ring exchange" in msgs[0]
+    # rank 1 has returned: its process may already be gone (gloo then reports the closed
+    # connection) or still idle (the 3 s bound ends the wait)
+    assert "did not complete within 3s" in msgs[0] or "closed its connection" in msgs[0]
     assert "skipped backward" in msgs[0]
 
 

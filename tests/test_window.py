@@ -146,9 +146,10 @@ def _check(rank: int, world: int, case: dict, seed: int) -> None:
 
 
 def _banded_torch_kernel(calls: list):
-    """The torch kernel with its bands computed the way the cuDNN kernel computes them
-    (`kernels/band.py`: W-blocks and reversed rows on causal calls), so the ring's windowed
-    calls reach that decomposition on CPU. ``calls`` collects the calls it makes."""
+    """The torch kernel planned and banded the way the cuDNN kernel is: its bands computed by
+    `kernels/band.py` (W-blocks and reversed rows on causal calls), and document calls shorter
+    than a few rows sent as varlen calls, so the ring's windowed calls reach both on CPU.
+    ``calls`` collects the calls it makes."""
     from types import SimpleNamespace
 
     from seqpar_ring.kernels import TorchKernel
@@ -168,7 +169,10 @@ def _banded_torch_kernel(calls: list):
                                     band=band, delta=delta, **kw)
         return B.band_backward(prim, dout, q, k, v, out, lse, band, scale, delta)
 
-    return SimpleNamespace(**{**vars(TorchKernel), "forward": forward, "backward": backward})
+    # like the fused kernels, document calls with fewer rows than this become varlen calls
+    # (`documents._small_to_varlen`; 64 there, scaled to these 24-token rows)
+    return SimpleNamespace(**{**vars(TorchKernel), "forward": forward, "backward": backward,
+                              "min_rows": 4})
 
 
 def _all_cases(rank: int, world: int, banded: bool = False) -> int:

@@ -29,6 +29,7 @@ TorchKernel = SimpleNamespace(
     name="torch",
     supports_masks=True,  # row-masked calls (dilated windows that straddle chunks)
     needs_delta=True,  # takes rowsum(dout * out) precomputed once per pass
+    min_rows=1,  # takes calls of any shape (fused kernels: `documents.FUSED_MIN_ROWS`)
     forward=torch_kernel.block_forward,
     backward=torch_kernel.block_backward,
     varlen_forward=torch_kernel.varlen_forward,
