@@ -13,8 +13,9 @@ visible (query, key) pairs only: sum_i min(i + 1, W) for the window, S(S+1)/2 de
 
 End to end (``--e2e-seq``, default 32,768 and 65,536; MistralForCausalLM with hidden 2048,
 22 layers, 32/8 heads of ``--head-dim`` 64 (1.1B parameters), intermediate 5632, vocab 32000,
-sliding_window 4096, random weights, bf16, gradient checkpointing, one row, forward+backward): ``patch`` (SP = 1) next to transformers'
-``flex_attention`` and ``sdpa``; tokens/s and peak memory.
+sliding_window 4096, random weights, bf16, gradient checkpointing, one row, forward+backward):
+``patch`` (SP = 1) next to transformers' ``flex_attention`` and ``sdpa``; tokens/s and peak
+memory.
 """
 
 from __future__ import annotations
