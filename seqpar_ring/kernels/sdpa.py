@@ -45,12 +45,26 @@ def _tokens_major(x: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-def _window(band) -> dict:
-    """FlashAttention's window arguments for a sliding-window ``band`` (left, right|None);
-    {} without one. The ops' window is bottom-right aligned, the convention of the band."""
+def flash_varlen_args(band, max_q: int, max_k: int) -> tuple[int, int, dict]:
+    """max_seqlen_q, max_seqlen_k and window arguments of a FlashAttention-2 varlen call whose
+    sequences have at most ``max_q`` queries and ``max_k`` keys, for a sliding-window ``band``
+    (left, right|None) or None. Both max_seqlen values are upper bounds for the op.
+
+    - max_seqlen_q >= 2: at 1 with GQA, the op swaps the query heads into the sequence dim
+      assuming one query per sequence, which breaks on varlen calls with empty sequences.
+    - The op's window is bottom-right aligned like the band, but it reads an open right side
+      (-1) as ``max_seqlen_k`` keys right of the diagonal, and any side >= max_seqlen_k as open.
+      On a sequence with more queries than keys the diagonal starts left of the first key, so
+      that bound cuts off the first rows (they came back empty: lse +inf, NaN after the
+      merge). An open right side is passed as ``max_q`` instead — no key lies further right of
+      any row's diagonal — and max_seqlen_k is raised above it so the op keeps it.
+    """
+    mq = max(max_q, 2)
     if band is None:
-        return {}
-    return dict(window_size_left=band[0], window_size_right=-1 if band[1] is None else band[1])
+        return mq, max_k, {}
+    left, right = band
+    right = max_q if right is None else right
+    return mq, max(max_k, right + 1), dict(window_size_left=left, window_size_right=right)
 
 
 def varlen_forward(q, k, v, spec, *, causal, scale, bucket_size=None, band=None):
@@ -62,12 +76,10 @@ def varlen_forward(q, k, v, spec, *, causal, scale, bucket_size=None, band=None)
     applied inside every sequence (`window.py`).
     """
     cu_q, cu_k = spec.cu_seqlens(q.device)
-    # max_q is only an upper bound. At max_q == 1 with GQA, FlashAttention-2 swaps the query
-    # heads into the sequence dim assuming one query per sequence, which breaks on varlen calls
-    # with empty sequences (padding gaps) — a bound of 2 keeps the general path.
+    max_q, max_k, window = flash_varlen_args(band, spec.max_q, spec.max_k)
     out, lse = aten._flash_attention_forward(
-        _tokens_major(q), _tokens_major(k), _tokens_major(v), cu_q, cu_k, max(spec.max_q, 2),
-        spec.max_k, 0.0, causal, False, scale=scale, **_window(band))[:2]
+        _tokens_major(q), _tokens_major(k), _tokens_major(v), cu_q, cu_k, max_q, max_k, 0.0,
+        causal, False, scale=scale, **window)[:2]
     if spec.has_empty:
         lse = lse.masked_fill(lse == float("inf"), float("-inf"))
     return out.transpose(0, 1).unsqueeze(0), lse.unsqueeze(0)
@@ -77,12 +89,12 @@ def varlen_backward(dout, q, k, v, out, lse, spec, *, causal, scale, bucket_size
                     delta=None, band=None):
     """Gradients of `varlen_forward` given the MERGED out/lse. K/V grads keep Hkv heads."""
     cu_q, cu_k = spec.cu_seqlens(q.device)
+    max_q, max_k, window = flash_varlen_args(band, spec.max_q, spec.max_k)
     zero = torch.zeros((), dtype=torch.int64, device=q.device)
     dq, dk, dv = aten._flash_attention_backward(
         _tokens_major(dout), _tokens_major(q), _tokens_major(k), _tokens_major(v),
-        _tokens_major(out), lse[0].contiguous(), cu_q, cu_k, max(spec.max_q, 2), spec.max_k, 0.0,
-        causal,
-        zero, zero, scale=scale, **_window(band))
+        _tokens_major(out), lse[0].contiguous(), cu_q, cu_k, max_q, max_k, 0.0, causal,
+        zero, zero, scale=scale, **window)
     return (dq.transpose(0, 1).unsqueeze(0), dk.transpose(0, 1).unsqueeze(0),
             dv.transpose(0, 1).unsqueeze(0))
 
@@ -111,10 +123,10 @@ def flash_band_forward(q, k, v, *, band, scale):
     b, h, nq, d = q.shape
     spec = _batch_spec(q, k)
     cu_q, cu_k = spec.cu_seqlens(q.device)
+    max_q, max_k, window = flash_varlen_args(band, spec.max_q, spec.max_k)
     out, lse = aten._flash_attention_forward(
-        _rows_major(q), _rows_major(k), _rows_major(v), cu_q, cu_k, max(spec.max_q, 2),
-        spec.max_k, 0.0,
-        False, False, scale=scale, **_window(band))[:2]
+        _rows_major(q), _rows_major(k), _rows_major(v), cu_q, cu_k, max_q, max_k, 0.0,
+        False, False, scale=scale, **window)[:2]
     return out.view(b, nq, h, d).transpose(1, 2), lse.view(h, b, nq).transpose(0, 1)
 
 
@@ -123,12 +135,12 @@ def flash_band_backward(dout, q, k, v, out, lse, *, band, scale):
     b, h, nq, d = q.shape
     spec = _batch_spec(q, k)
     cu_q, cu_k = spec.cu_seqlens(q.device)
+    max_q, max_k, window = flash_varlen_args(band, spec.max_q, spec.max_k)
     zero = torch.zeros((), dtype=torch.int64, device=q.device)
     dq, dk, dv = aten._flash_attention_backward(
         _rows_major(dout), _rows_major(q), _rows_major(k), _rows_major(v), _rows_major(out),
-        lse.transpose(0, 1).reshape(h, b * nq).contiguous(), cu_q, cu_k, max(spec.max_q, 2),
-        spec.max_k,
-        0.0, False, zero, zero, scale=scale, **_window(band))
+        lse.transpose(0, 1).reshape(h, b * nq).contiguous(), cu_q, cu_k, max_q, max_k, 0.0,
+        False, zero, zero, scale=scale, **window)
     nk, hkv = k.shape[2], k.shape[1]
     return (dq.view(b, nq, h, d).transpose(1, 2), dk.view(b, nk, hkv, d).transpose(1, 2),
             dv.view(b, nk, hkv, d).transpose(1, 2))
