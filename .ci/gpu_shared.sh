@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # GPU checks with ranks sharing one GPU (docs/shared-gpu.md). One stage per call, each well
 # under 10 minutes on one H200; outputs go to $OUT (or ./runs/gpu_shared).
-#   bash .ci/gpu_shared.sh attention   # gpu suite: multi-rank attention + documents at world 1
-#   bash .ci/gpu_shared.sh models      # gpu suite: HF + DeepSpeed adapters, kernel tests
-#   bash .ci/gpu_shared.sh bench-packed  # bench packed (before/after the tiny-call fix) + e2e
+#   bash .ci/gpu_shared.sh suite       # the whole gpu suite in one run (about 6.5 min)
+#   bash .ci/gpu_shared.sh attention   # gpu suite, part: multi-rank attention + documents
+#   bash .ci/gpu_shared.sh models      # gpu suite, part: HF + DeepSpeed adapters, kernel tests
+#   bash .ci/gpu_shared.sh bench-packed  # bench packed before/after the tiny-call fix (1 rank)
+#   bash .ci/gpu_shared.sh bench-shared  # bench e2e and bench packed, 2 and 4 ranks on 1 GPU
 #   bash .ci/gpu_shared.sh bench-ring    # bench ring at 64K and 256K, 2 and 4 ranks on 1 GPU
 #   bash .ci/gpu_shared.sh bench-window  # bench window: attention 64K/256K, 1.1B Mistral e2e
 # DeepSpeed is installed from wheels under shared/wheels when present (the GPU image has none).
@@ -28,6 +30,9 @@ run_suite() {  # files...
 }
 
 case "${1:-}" in
+suite)
+    run_suite tests
+    ;;
 attention)
     run_suite tests/test_gpu_multirank.py tests/test_gpu_documents.py
     ;;
@@ -44,13 +49,16 @@ bench-packed)
             --e2e-rows equal mixed --fused-min-rows "$rows" \
             --out "$out/packed_e2e_minrows$rows.json" 2>&1 | tail -4
     done
+    ;;
+bench-shared)
+    # torch's AdamW when ranks share a GPU (--adam auto): no JIT build of DeepSpeed's fused Adam
     for n in 2 4; do
+        timeout 150 torchrun --nproc-per-node "$n" -m seqpar_ring.bench e2e --impl seqpar \
+            --zero 2 --seq 65536 262144 --steps 2 --budget-s 60 --out "$out/e2e_shared$n.json" \
+            2>&1 | grep -v Warning | tail -8
         timeout 120 torchrun --nproc-per-node "$n" -m seqpar_ring.bench packed --skip-e2e \
             --out "$out/packed_shared$n.json" 2>&1 | grep -v Warning | tail -10
     done
-    timeout 150 torchrun --nproc-per-node 2 -m seqpar_ring.bench e2e --impl seqpar --zero 2 \
-        --seq 65536 --steps 2 --budget-s 60 --out "$out/e2e_shared2.json" 2>&1 \
-        | grep -v Warning | tail -10
     ;;
 bench-ring)
     for n in 2 4; do
@@ -64,7 +72,7 @@ bench-window)
         | grep -v Warning | tail -24
     ;;
 *)
-    echo "usage: $0 attention|models|bench-packed|bench-ring|bench-window" >&2
+    echo "usage: $0 suite|attention|models|bench-packed|bench-shared|bench-ring|bench-window" >&2
     exit 2
     ;;
 esac
