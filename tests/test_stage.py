@@ -169,10 +169,12 @@ def test_bench_tables_say_ranks_share_a_gpu(monkeypatch, capsys):
     from seqpar_ring.tools.bench import common
 
     monkeypatch.setattr(common, "SHARED", {"ranks": 4, "gpus": 1})
-    text = common.print_table([{"seq": 65536, "ms": 400.0, "step_s": 2.0}],
-                              ["seq", "ms", "step_s"], "ring")
+    text = common.print_table([{"seq": 65536, "ms": 400.0, "step_s": 2.0, "kernel_ms": 77.0}],
+                              ["seq", "ms", "step_s", "kernel_ms"], "ring")
     assert text.splitlines()[0].startswith("4 ranks share 1 GPU(s)")
     assert "not multi-GPU figures" in text and "ms/rank" in text and "step_s/rank" in text
     assert "100.0" in text and "0.500" in text  # 400 ms / 4 ranks, 2 s / 4 ranks
+    assert "kernel_ms/rank" not in text and "77.0" in text  # one rank's own time already
+    assert common.kernel_ms(lambda: None, torch.device("cpu")) is None  # CUDA profiler only
     monkeypatch.setattr(common, "SHARED", {})
     assert "share" not in common.print_table([{"ms": 1.0}], ["ms"], "t")

@@ -22,8 +22,8 @@ def shared_note() -> str:
     if not SHARED:
         return ""
     return (f"{SHARED['ranks']} ranks share {SHARED['gpus']} GPU(s) (gloo, host-staged "
-            "exchange): not multi-GPU figures; '/rank' columns = time / ranks per GPU, the "
-            "GPU time one rank's share of the work takes")
+            "exchange): not multi-GPU figures; '/rank' columns = time / ranks per GPU; "
+            "kernel_ms = the largest rank's own GPU kernel time (its compute)")
 
 
 def init_from_env(*, single_process_group: bool = False) -> tuple[int, int, torch.device]:
@@ -83,6 +83,32 @@ def timeit(fn: Callable[[], Any], device: torch.device, *, warmup: int = 1, iter
     return statistics.median(times)
 
 
+def kernel_ms(fn: Callable[[], Any], device: torch.device, group=None) -> float | None:
+    """GPU time of this process's kernels in one run of ``fn``, in ms (the largest over the
+    ranks of ``group``), or None off CUDA or when the profiler gives nothing.
+
+    With ranks sharing a GPU a step's wall time also holds the other ranks' kernels and the
+    host-staged exchange; the sum of a rank's own kernel durations (CUDA profiler, copies and
+    memsets left out) is that rank's compute time — what `print_table` reports as kernel_ms.
+    """
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync(device)
+    # the raw device records: no operator tree, so nothing is counted twice
+    ns = sum(e.duration_ns() for e in prof.profiler.kineto_results.events()
+             if e.device_type() == torch.autograd.DeviceType.CUDA
+             and not e.name().lower().startswith(("memcpy", "memset")))
+    ms = torch.tensor([ns / 1e6 if ns > 0 else float("nan")])
+    if dist.is_initialized():
+        dist.all_reduce(ms, op=dist.ReduceOp.MAX, group=group)  # a CPU tensor: gloo carries it
+    return None if ms.isnan().item() else ms.item()
+
+
 def attention_flops(seq: int, heads: int, head_dim: int, *, causal: bool, backward: bool,
                     batch: int = 1) -> float:
     """4·S²·H·D per forward (half when causal); forward+backward = 3.5 x forward."""
@@ -111,7 +137,8 @@ def print_table(rows: list[dict], columns: list[str], title: str = "") -> str:
 
     if SHARED:  # time columns also per rank: one GPU runs every rank's kernels in turn
         share = SHARED["ranks"] / SHARED["gpus"]
-        timed = [c for c in columns if c in ("ms", "step_s") or c.endswith("_ms")]
+        timed = [c for c in columns if c in ("ms", "step_s") or
+                 (c.endswith("_ms") and c != "kernel_ms")]  # kernel_ms is one rank's already
         rows = [dict(r, **{f"{c}/rank": r[c] / share for c in timed
                            if isinstance(r.get(c), (int, float))}) for r in rows]
         columns = [x for c in columns for x in ((c, f"{c}/rank") if c in timed else (c,))]
