@@ -1,12 +1,9 @@
 """The FlashAttention-2 window arguments (`kernels.sdpa.flash_varlen_args`) against the band
 they stand for, through a CPU model of how the op reads them.
 
-The model follows the op's source (PyTorch's ``flash_api.cpp`` and FlashAttention-2's masks):
-a side >= max_seqlen_k is opened (-1); causal sets right = 0; one open side with the other set
-becomes ``max_seqlen_k``; a sequence with nq queries and nk keys then shows query i the keys
-i + (nk - nq) - left <= j <= i + (nk - nq) + right (none open: every key). The GPU suite runs
-the op itself; this pins the argument mapping on CPU, where a wrong one (an open right side on
-a sequence with more queries than keys) left rows empty and NaN on the GPU.
+The model (`tests/_fused_like.flash_op_visible`) follows the op's source. The GPU suite runs the
+op itself; this pins the argument mapping on CPU, where a wrong one (an open right side on a
+sequence with more queries than keys) left rows empty and NaN on the GPU.
 """
 
 from __future__ import annotations
@@ -14,40 +11,10 @@ from __future__ import annotations
 import itertools
 
 import torch
+from _fused_like import band_visible
+from _fused_like import flash_op_visible as op_visible
 
 from seqpar_ring.kernels.sdpa import flash_varlen_args
-
-
-def op_visible(nq: int, nk: int, max_k: int, causal: bool, window: dict) -> torch.Tensor:
-    """(nq, nk) bool: which keys the op shows each query of one sequence."""
-    left = window.get("window_size_left", -1)
-    right = window.get("window_size_right", -1)
-    left = -1 if left >= max_k else left
-    right = -1 if right >= max_k else right
-    if causal:
-        right = 0
-    if left < 0 and right >= 0:
-        left = max_k
-    if left >= 0 and right < 0:
-        right = max_k
-    i = torch.arange(nq).view(-1, 1)
-    j = torch.arange(nk).view(1, -1)
-    if left < 0 and right < 0:
-        return torch.ones(nq, nk, dtype=torch.bool)
-    c = nk - nq
-    return (j >= i + c - left) & (j <= i + c + right)
-
-
-def band_visible(nq: int, nk: int, causal: bool, band) -> torch.Tensor:
-    """The band's meaning (`kernels.torch_kernel`): bottom-right aligned, None = open."""
-    i = torch.arange(nq).view(-1, 1)
-    j = torch.arange(nk).view(1, -1)
-    c = nk - nq
-    if band is None:
-        return (j <= i + c) if causal else torch.ones(nq, nk, dtype=torch.bool)
-    left, right = band
-    ok = j >= i + c - left
-    return ok & (j <= i + c + right) if right is not None else ok
 
 
 def test_window_arguments_mean_the_band():

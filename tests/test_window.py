@@ -4,8 +4,9 @@ Windows smaller than a zigzag chunk, between a chunk and a shard, larger than a 
 than the sequence; contiguous and zigzag; GQA; plain, packed and padded rows; with and without
 sinks; fp64 (1e-10) and fp32 (1e-5); forward and every gradient (dq, dk, dv, dsinks) at SP
 1, 2, 3 and 4 (one spawned gloo group per world size runs every case); the fp64 cases again at
-SP 1-3 with the bands computed as the cuDNN kernel computes them (`kernels/band.py` on the torch
-kernel's causal calls). Also: the window geometry against a brute-force mask, and the bytes a
+SP 1-3 on the torch kernel planned and checked like the fused ones (`tests/_fused_like.py`:
+bands rebuilt by `kernels/band.py`, short document calls as varlen calls, FlashAttention's
+window arguments checked). Also: the window geometry against a brute-force mask, and the bytes a
 windowed layer sends.
 """
 
@@ -16,7 +17,8 @@ import itertools
 import pytest
 import torch
 from _dist import run_distributed
-from _exact import band_prim, make_inputs, single_thread
+from _exact import make_inputs, single_thread
+from _fused_like import fused_like_kernel
 from reference import window_reference
 
 from seqpar_ring import comm as C
@@ -145,43 +147,14 @@ def _check(rank: int, world: int, case: dict, seed: int) -> None:
         assert err <= tol * scale, f"rank {rank}/{world} {case}: {name} err {err:.3e}"
 
 
-def _banded_torch_kernel(calls: list):
-    """The torch kernel planned and banded the way the cuDNN kernel is: its bands computed by
-    `kernels/band.py` (W-blocks and reversed rows on causal calls), and document calls shorter
-    than a few rows sent as varlen calls, so the ring's windowed calls reach both on CPU.
-    ``calls`` collects the calls it makes."""
-    from types import SimpleNamespace
-
-    from seqpar_ring.kernels import TorchKernel
-    from seqpar_ring.kernels import band as B
-    from seqpar_ring.kernels import torch_kernel as T
-
-    prim = band_prim(calls)
-
-    def forward(q, k, v, *, causal, scale, band=None, **kw):
-        if band is None or kw.get("q_doc") is not None:
-            return T.block_forward(q, k, v, causal=causal, scale=scale, band=band, **kw)
-        return B.band_forward(prim, q, k, v, band, scale)
-
-    def backward(dout, q, k, v, out, lse, *, causal, scale, band=None, delta=None, **kw):
-        if band is None or kw.get("q_doc") is not None:
-            return T.block_backward(dout, q, k, v, out, lse, causal=causal, scale=scale,
-                                    band=band, delta=delta, **kw)
-        return B.band_backward(prim, dout, q, k, v, out, lse, band, scale, delta)
-
-    # like the fused kernels, document calls with fewer rows than this become varlen calls
-    # (`documents._small_to_varlen`; 64 there, scaled to these 24-token rows)
-    return SimpleNamespace(**{**vars(TorchKernel), "forward": forward, "backward": backward,
-                              "min_rows": 4})
-
-
 def _all_cases(rank: int, world: int, banded: bool = False) -> int:
     n, cases = 0, list(_cases(world))
     calls: list = []
     if banded:  # fp64 ring cases whose windows cut shards into several W-blocks
         from seqpar_ring import kernels
 
-        kernels.KERNELS["torch"] = _banded_torch_kernel(calls)
+        # document calls under 4 rows go varlen: the fused kernels' 64, scaled to 24-token rows
+        kernels.KERNELS["torch"] = fused_like_kernel(calls, min_rows=4)
         cases = [c for c in cases if c["dtype"] == torch.float64 and c["window"] in (2, 7, 9)
                  and c["comm"] == "ring" and "ulysses" not in c]
     with single_thread():

@@ -115,22 +115,23 @@ def _spec(b: int, nq: int, nk: int) -> VarlenSpec:
     return VarlenSpec.of(((nq, nk),) * b)
 
 
-def flash_band_forward(q, k, v, *, band, scale):
-    """A windowed block (every batch entry one sequence) on FlashAttention-2 with its window:
-    no element-wise mask. q (B, H, nq, D), k/v (B, Hkv, nk, D) -> out (B, H, nq, D), lse
-    (B, H, nq) fp32. cuDNN has no window: its kernel sends here the bands `band.py` cannot
-    rebuild from causal calls."""
+def flash_band_forward(q, k, v, *, band, scale, causal=False):
+    """A block (every batch entry one sequence) on FlashAttention-2, with the window of a
+    sliding-window ``band`` if any (no element-wise mask); ``causal`` (band None) on squares.
+    q (B, H, nq, D), k/v (B, Hkv, nk, D) -> out (B, H, nq, D), lse (B, H, nq) fp32. cuDNN has
+    no window: its kernel sends here the bands `band.py` cannot rebuild from causal calls, and
+    the calls too small for it (`CUDNN_MIN_ROWS`)."""
     b, h, nq, d = q.shape
     spec = _batch_spec(q, k)
     cu_q, cu_k = spec.cu_seqlens(q.device)
     max_q, max_k, window = flash_varlen_args(band, spec.max_q, spec.max_k)
     out, lse = aten._flash_attention_forward(
         _rows_major(q), _rows_major(k), _rows_major(v), cu_q, cu_k, max_q, max_k, 0.0,
-        False, False, scale=scale, **window)[:2]
+        causal, False, scale=scale, **window)[:2]
     return out.view(b, nq, h, d).transpose(1, 2), lse.view(h, b, nq).transpose(0, 1)
 
 
-def flash_band_backward(dout, q, k, v, out, lse, *, band, scale):
+def flash_band_backward(dout, q, k, v, out, lse, *, band, scale, causal=False):
     """Gradients of `flash_band_forward` given the MERGED out/lse; dk/dv keep Hkv heads."""
     b, h, nq, d = q.shape
     spec = _batch_spec(q, k)
@@ -140,14 +141,28 @@ def flash_band_backward(dout, q, k, v, out, lse, *, band, scale):
     dq, dk, dv = aten._flash_attention_backward(
         _rows_major(dout), _rows_major(q), _rows_major(k), _rows_major(v), _rows_major(out),
         lse.transpose(0, 1).reshape(h, b * nq).contiguous(), cu_q, cu_k, max_q, max_k, 0.0,
-        False, zero, zero, scale=scale, **window)
+        causal, zero, zero, scale=scale, **window)
     nk, hkv = k.shape[2], k.shape[1]
     return (dq.view(b, nq, h, d).transpose(1, 2), dk.view(b, nk, hkv, d).transpose(1, 2),
             dv.view(b, nk, hkv, d).transpose(1, 2))
 
 
+# cuDNN rejects s_q = s_kv = 1 ("cuDNN Frontend error") and crashed on other tiny shapes; calls
+# with fewer rows on a side (tiny windows' blocks, a window's sliver of a rectangle) take
+# FlashAttention-2, which takes any length. Document plans avoid such calls on their own
+# (`documents.FUSED_MIN_ROWS`): this is the kernel's guard for every other caller.
+CUDNN_MIN_ROWS = 64
+
+
+def _tiny(q, k) -> bool:
+    return min(q.shape[2], k.shape[2]) < CUDNN_MIN_ROWS
+
+
 def cudnn_forward(q, k, v, *, causal, scale):
-    """cuDNN attention: out (B, H, nq, D), lse (B, H, nq) fp32; GQA read directly."""
+    """cuDNN attention: out (B, H, nq, D), lse (B, H, nq) fp32; GQA read directly. ``causal``
+    on square blocks only (cuDNN aligns it top-left, FlashAttention-2 bottom-right)."""
+    if _tiny(q, k):
+        return flash_band_forward(q, k, v, band=None, scale=scale, causal=causal)
     res = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False,
                                                    scale=scale)
     return res[0], res[1].view(q.shape[:-1])
@@ -159,6 +174,9 @@ def cudnn_backward(dout, q, k, v, out, lse, *, causal, scale):
     cuDNN reads GQA K/V directly and reduces dK/dV over each group itself: on one H200 this
     ran 1.19x faster than expanding K/V to every query head and folding the gradients
     (4K-row causal blocks, 32/8 heads x 128), and allocates no expanded copies."""
+    if _tiny(q, k):
+        return flash_band_backward(dout, q, k, v, out, lse, band=None, scale=scale,
+                                   causal=causal)
     zero = torch.zeros((), dtype=torch.int64, device=q.device)
     return aten._scaled_dot_product_cudnn_attention_backward(
         dout, q, k, v, out, lse.unsqueeze(-1).contiguous(), zero, zero, None,
