@@ -30,9 +30,9 @@ from seqpar_ring.layout import shard
 from seqpar_ring.ring import ring_attention
 
 SHARD, HEADS, KV_HEADS, DIM = 192, 4, 2, 8
-CASES = 10
+CASES = 12
 TOL = 1e-10
-WINDOWS = (1, 2, 3, 5, 17, 63, 64, 65, 100, 191, 192, 250, 10**6)
+WINDOWS = (1, 2, 3, 5, 17, 63, 64, 65, 100, 191, 192, 250, 10**6, None)  # None: no window
 
 
 def _lengths(rng: random.Random, seq: int) -> list[int]:
