@@ -70,6 +70,8 @@ _FLAGS: dict[str, tuple[str, Any, str]] = {
     "--sequence-parallel-activation-offload": (
         "activation_offload", bool, "checkpointed layer inputs in pinned host memory"),
     "--sequence-parallel-tiled-mlp": ("tiled_mlp", bool, "decoder MLPs over sequence tiles"),
+    "--sequence-parallel-recompute-attention": (
+        "recompute_attention", bool, "attention again in backward under checkpointing"),
 }
 _LIST_FIELDS = ("segment_lengths", "dilation_rates")
 _LAUNCHER_FLAGS = ("--local_rank", "--local-rank")  # deepspeed / torch.distributed.launch

@@ -1,8 +1,8 @@
 """Reach options on transformers models: activation-checkpoint offload and the tiled MLP.
 
 `apply(model, config)` (called by `integrations.hf.patch`, hence by the DeepSpeed and
-accelerate helpers) turns ``config.activation_offload`` and ``config.tiled_mlp`` on or off;
-it is idempotent.
+accelerate helpers) turns ``config.activation_offload``, ``config.tiled_mlp`` and
+``config.recompute_attention`` (`hf_recompute`) on or off; it is idempotent.
 
 Activation offload (`seqpar_ring.offload`) wraps each decoder layer's checkpoint function,
 ``layer._gradient_checkpointing_func`` — what ``gradient_checkpointing_enable`` sets on every
@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from seqpar_ring.config import SeqParConfig
+from seqpar_ring.integrations import hf_recompute
 from seqpar_ring.offload import ActivationOffload
 from seqpar_ring.tiled_mlp import is_gated_mlp, is_tiled, tile_gated_mlp, untile
 
@@ -54,6 +55,15 @@ def apply(model: nn.Module, config: SeqParConfig) -> None:
         enable_tiled_mlp(model)
     else:
         disable_tiled_mlp(model)
+    if not config.recompute_attention:
+        layers = decoder_layers(model)
+        if not layers:
+            raise ValueError(
+                f"recompute_attention=false: {type(model).__name__} has no "
+                "GradientCheckpointingLayer decoder layers; set recompute_attention=true")
+        hf_recompute.enable(model, layers, _hook_target(model, layers))
+    else:
+        hf_recompute.disable(model)
 
 
 def get_activation_offload(model: nn.Module) -> ActivationOffload | None:

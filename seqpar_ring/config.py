@@ -73,6 +73,10 @@ class SeqParConfig:
             PCIe copies that overlap compute.
         tiled_mlp: compute each decoder MLP over tiles of tokens with recompute in backward
             (`seqpar_ring.tiled_mlp`): one tile's intermediate activations at a time.
+        recompute_attention: under gradient checkpointing, compute attention again in backward
+            (default). False keeps each layer's attention output and lse from the forward
+            instead (`seqpar_ring.recompute`): one attention forward less per layer and step,
+            for tokens x hidden (model dtype) + heads x tokens (fp32) per layer of memory.
     """
 
     sp_size: int = 1
@@ -87,6 +91,7 @@ class SeqParConfig:
     ulysses_size: int | str = 1
     activation_offload: bool = False
     tiled_mlp: bool = False
+    recompute_attention: bool = True
 
     def __post_init__(self) -> None:
         if self.layout is None:  # frozen: resolve the default through object.__setattr__
@@ -119,7 +124,7 @@ class SeqParConfig:
                 f"{MIN_TIMEOUT_S:g} (shorter waits fail healthy exchanges; default 600)"
             )
         self._check_ulysses()
-        for key in ("activation_offload", "tiled_mlp"):
+        for key in ("activation_offload", "tiled_mlp", "recompute_attention"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(
                     f"{_SECTION}.{key}={getattr(self, key)!r} must be true or false"

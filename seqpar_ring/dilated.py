@@ -42,6 +42,7 @@ from .checks import check_inputs
 from .documents import single_document
 from .kernels import select_kernel
 from .kernels.merge import accumulation_dtype
+from .recompute import kept
 from .ring import RingPass, ring_backward, ring_forward
 from .sparse import BranchHeads, branch_heads, nested_heads
 
@@ -236,9 +237,11 @@ class DilatedAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, branches, mp):
-        parts = [_branch_forward(br, q, k, v) for br in branches]
-        out, lse = _merge(parts, branches, mp, q)
-        del parts
+        def compute():
+            parts = [_branch_forward(br, q, k, v) for br in branches]
+            return _merge(parts, branches, mp, q)
+
+        out, lse = kept(compute, q)  # computed once under checkpointing (recompute.py)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.branches, ctx.mp = branches, mp
         return out

@@ -30,6 +30,7 @@ from .documents import DocPlan, documents_for
 from .kernels import select_kernel
 from .kernels.merge import accumulation_dtype, merge_into
 from .layout import chunk_ranges
+from .recompute import kept
 from .schedule import BlockCall, Chunks, plan_blocks
 from .window import WindowPlan, check_window, plan_window
 
@@ -295,10 +296,14 @@ class RingAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, sinks, ps: RingPass):
-        out, lse = ring_forward(ps, q, k, v)
-        if sinks is not None:
-            out, lse = merge_sinks(out, lse, sinks)
-        out = out.to(q.dtype)
+        def compute():
+            out, lse = ring_forward(ps, q, k, v)
+            if sinks is not None:
+                out, lse = merge_sinks(out, lse, sinks)
+            return out.to(q.dtype), lse
+
+        # under gradient checkpointing with recompute_attention=False: computed once (recompute.py)
+        out, lse = kept(compute, q)
         ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.ps = ps
         return out

@@ -10,6 +10,7 @@ Error cases check that every rank raises the same error within seconds (no kille
 from __future__ import annotations
 
 import copy
+import dataclasses
 import pytest
 import torch
 import torch.distributed as dist
@@ -228,10 +229,12 @@ def _exact_cases(rank: int, world: int) -> None:
     for layout in ("contiguous", "zigzag"):
         cfg = SeqParConfig(sp_size=world, layout=layout)
         (ra, rb), rg = ref_step(base, a, b)
-        for route in ("shard_batch", "derived"):
+        # recompute_attention=False: attention kept across the recomputation (recompute.py)
+        for route, recompute in (("shard_batch", True), ("derived", True),
+                                 ("derived", False)):
             # two forwards (different documents) before one backward, under checkpointing
             model = copy.deepcopy(base)
-            patch(model, cfg, groups)
+            patch(model, dataclasses.replace(cfg, recompute_attention=recompute), groups)
             model.gradient_checkpointing_enable()
             model.train()
             sa, sb = (shard_batch(x, world, groups.sp_rank, layout, pad_to_multiple_of=div)
@@ -240,8 +243,8 @@ def _exact_cases(rank: int, world: int) -> None:
                 sa.pop(DOC_IDS_KEY), sb.pop(DOC_IDS_KEY)
             la, lb = model(**sa).loss, model(**sb).loss
             (la + lb).backward()
-            assert_match(f"{layout}/{route}/two forwards", la + lb, grads_of(model, g), ra + rb,
-                         rg)
+            assert_match(f"{layout}/{route}/recompute={recompute}/two forwards", la + lb,
+                         grads_of(model, g), ra + rb, rg)
         # a padding mask changed in place between two calls (same tensor objects)
         model = copy.deepcopy(base)
         patch(model, cfg, groups)
