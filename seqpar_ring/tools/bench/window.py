@@ -14,8 +14,8 @@ visible (query, key) pairs only: sum_i min(i + 1, W) for the window, S(S+1)/2 de
 End to end (``--e2e-seq``, default 32,768 and 65,536; MistralForCausalLM with hidden 2048,
 22 layers, 32/8 heads of ``--head-dim`` 64 (1.1B parameters), intermediate 5632, vocab 32000,
 sliding_window 4096, random weights, bf16, gradient checkpointing, one row, forward+backward):
-``patch`` (SP = 1) next to transformers' ``flex_attention`` and ``sdpa``; tokens/s and peak
-memory.
+``patch`` (SP = 1; and with ``recompute_attention=False``, "seqpar_ring_kept") next to
+transformers' ``flex_attention`` and ``sdpa``; tokens/s and peak memory.
 """
 
 from __future__ import annotations
@@ -117,6 +117,9 @@ def attention_rows(a, dev) -> list[dict]:
     return rows
 
 
+E2E_IMPLS = ("seqpar_ring", "seqpar_ring_kept", "flex_attention", "sdpa")
+
+
 def build_mistral(attn: str, window: int, head_dim: int = 64):
     from transformers import MistralConfig, MistralForCausalLM
 
@@ -137,11 +140,11 @@ def e2e_rows(a, dev) -> list[dict]:
 
     rows = []
     for impl in a.e2e_impls:
-        model = build_mistral("sdpa" if impl == "seqpar_ring" else impl, a.window,
-                              a.head_dim).to(dev)
+        ours = impl.startswith("seqpar_ring")
+        model = build_mistral("sdpa" if ours else impl, a.window, a.head_dim).to(dev)
         collate = None
-        if impl == "seqpar_ring":
-            cfg = SeqParConfig(sp_size=1)
+        if ours:
+            cfg = SeqParConfig(sp_size=1, recompute_attention=impl != "seqpar_ring_kept")
             patch(model, cfg)
             collate = SPDataCollator(cfg)
         for seq in a.e2e_seq:
@@ -186,8 +189,10 @@ def main(argv=None) -> None:
     ap.add_argument("--e2e-seq", type=int, nargs="+", default=[32768, 65536])
     ap.add_argument("--head-dim", type=int, default=64,
                     help="end to end: head_dim (64 = hidden / heads, the 1.1B shape)")
-    ap.add_argument("--e2e-impls", nargs="+", default=["seqpar_ring", "flex_attention", "sdpa"],
-                    choices=["seqpar_ring", "flex_attention", "sdpa"])
+    ap.add_argument("--e2e-impls", nargs="+", choices=E2E_IMPLS,
+                    default=["seqpar_ring", "seqpar_ring_kept", "flex_attention", "sdpa"],
+                    help="seqpar_ring_kept: with recompute_attention=False (attention kept "
+                    "across the checkpoint's recomputation)")
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--skip-attention", action="store_true")
