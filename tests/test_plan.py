@@ -248,3 +248,17 @@ def test_cli_gpu_memory_given_detected_or_default(monkeypatch, capsys):
     assert f"GPU memory: {P.FALLBACK_GPU_MEM_GIB:g} GiB per GPU (no CUDA device found" in fallback
     assert _longest(fallback) == P.max_seq_len(P.PRESETS["llama-1.1b"], P.PlanOptions(gpus=2),
                                               P.FALLBACK_GPU_MEM_GIB)
+
+
+def test_kept_attention_term_tiny_by_hand():
+    """recompute_attention=False: every layer keeps its attention output (b bytes per head
+    element) and fp32 lse (4 bytes per head) per token, held through the step."""
+    m = P.PRESETS["tiny"]  # 2 layers, 4 heads x d 16
+    t = 1024
+    plain = P.estimate(m, 2 * t, P.PlanOptions(gpus=2, loss_tile=64))
+    kept = P.estimate(m, 2 * t, P.PlanOptions(gpus=2, loss_tile=64, keep_attention=True))
+    want = 2 * t * (4 * 16 * 2 + 4 * 4)
+    assert kept.gib("kept attention") * GIB == want
+    assert kept.peak_bytes - plain.peak_bytes == want
+    with pytest.raises(ValueError, match="needs checkpointing"):
+        P.estimate(m, 2 * t, P.PlanOptions(gpus=2, keep_attention=True, checkpointing=False))

@@ -53,6 +53,8 @@ def test_one_gpu_step_by_hand():
     assert st.of("loss") == pytest.approx(head)
     assert st.of("optimizer") == pytest.approx(TINY.params() * 32 / 1e12)
     assert st.tokens_per_s == pytest.approx(s / st.seconds)
+    kept = P.step_time(TINY, s, replace(o, keep_attention=True), c)  # no recomputed forward
+    assert kept.of("attention") == pytest.approx(2 * (fwd + 2.5 * fwd))
     tiled = P.step_time(TINY, s, replace(o, tiled_mlp=True), c)
     assert tiled.of("matmuls") - st.of("matmuls") == pytest.approx(2 * s * 4 * 64 * 128 / 1e12)
     dil = replace(o, attention="dilated", dilation_rates=(1, 2), segment_lengths=(256, 1024))

@@ -55,6 +55,7 @@ def options_from_args(a: argparse.Namespace) -> PlanOptions:
                        offload_optimizer=a.offload_optimizer, reserve_gib=a.reserve_gib,
                        ulysses_size=a.ulysses_size or 1,
                        activation_offload=a.offload, tiled_mlp=a.tiled_mlp,
+                       keep_attention=a.keep_attention,
                        mlp_tile=a.mlp_tile, host_reserve_gib=a.host_reserve_gib)
 
 
@@ -93,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offload", "--activation-offload", dest="offload", action="store_true",
                    help="activation-checkpoint offload: layer inputs in pinned host memory")
     p.add_argument("--tiled-mlp", action="store_true", help="decoder MLPs over sequence tiles")
+    p.add_argument("--keep-attention", action="store_true",
+                   help="recompute_attention=false: attention outputs kept across the "
+                   "checkpoint's recomputation (memory for time)")
     p.add_argument("--offload-optimizer", action="store_true")
     p.add_argument("--ulysses-size", type=int, default=None,
                    help="Ulysses factor of the SP group (default 1); with --seq-len the "

@@ -180,6 +180,13 @@ def estimate(m: ModelSpec, seq_len: int, o: PlanOptions) -> Plan:
                    else "every layer's saved activations (no checkpointing)")
         ckpt += add("rope + final norm", t * (2 * m.d * b + m.hidden * (2 * b + 4)),
                     "cos/sin shared by layers; final RMSNorm input/output")
+    if o.keep_attention:
+        if not o.checkpointing:
+            raise ValueError("keep_attention (recompute_attention=False) keeps attention "
+                             "across checkpointing's recomputation: it needs checkpointing=True")
+        ckpt += add("kept attention", m.layers * t * (m.heads * m.d * b + m.heads * 4),
+                    "each layer's attention output and fp32 lse, kept for the recomputation "
+                    "(recompute_attention=False)")
     # A layer's backward runs the MLP first: its saved tensors are freed before the attention's
     # backward allocates its working set, so the two moments are separate peaks, not a sum.
     layer = t * _layer_saved(m, b, tiled) if o.checkpointing else 0.0

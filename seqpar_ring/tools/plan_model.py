@@ -92,6 +92,7 @@ class PlanOptions:
     activation_offload: bool = False  # checkpointed layer inputs in pinned host memory
     tiled_mlp: bool = False          # decoder MLPs over sequence tiles (seqpar_ring.tiled_mlp)
     mlp_tile: int | None = None      # None = seqpar_ring.tiled_mlp.default_mlp_tile(intermediate)
+    keep_attention: bool = False     # recompute_attention=False: outputs kept, not recomputed
     host_reserve_gib: float = 8.0    # host allowance for the process itself (CUDA runtime,
     #                                  libraries, Python): an assumption, not a measurement
     # step-time model only (the memory terms are the dense ring's for these):

@@ -146,7 +146,7 @@ def step_time(m: ModelSpec, seq_len: int, o: PlanOptions, c: Calibration,
         if hops and f_x > fc:
             st.notes.append(f"ring hop transfer-bound: {f_x * 1e3:.2f} ms per forward hop over "
                             f"{ring_bw:g} GB/s against {fc * 1e3:.2f} ms of compute")
-    attn = fwd_n * ring_f + ring_b
+    attn = (1 if o.keep_attention else fwd_n) * ring_f + ring_b  # kept: no recomputed forward
     a2a = 0.0
     if u > 1:
         elems = t * (2 * hq + 2 * math.lcm(hkv, u)) * d * (u - 1) / u
@@ -167,7 +167,8 @@ def step_time(m: ModelSpec, seq_len: int, o: PlanOptions, c: Calibration,
     add("elementwise", L * elementwise, f"norms, RoPE, SiLU, residuals at {c.copy_tbps:g} TB/s")
     add("attention", L * attn, f"{mode}, calls of {call:,.0f} tokens at "
         f"{tput / 1e12:.0f} TFLOP/s" + (f", ring of {r} (hops {fwd_n}x fwd + bwd)"
-                                          if r > 1 else ""))
+                                          if r > 1 else "")
+        + (", kept across the recomputation" if o.keep_attention else ""))
     if u > 1:
         add("all-to-all", L * a2a, f"Ulysses u = {u}: q, k, v, out and gradients")
     if o.activation_offload:
