@@ -21,7 +21,6 @@ turned on for transformers models by ``SeqParConfig(recompute_attention=False)``
 
 from __future__ import annotations
 
-import contextvars
 import functools
 from typing import Callable
 
@@ -29,9 +28,10 @@ import torch
 
 __all__ = ["kept", "keep_attention", "KeepAttention"]
 
-# The store of the checkpointed call whose forward is running in this context (None: none).
-_CALL: contextvars.ContextVar[_CallStore | None] = contextvars.ContextVar(
-    "seqpar_ring_kept_attention", default=None)
+# The store of the checkpointed call whose forward is running (None: none). A module global,
+# not a ContextVar: compiled decoder layers read it, and torch.compile traces a global (a
+# guarded constant) but not ContextVar.get.
+_CALL: _CallStore | None = None
 
 
 class _CallStore:
@@ -49,11 +49,12 @@ class _CallStore:
                 "seqpar_ring: a checkpointed layer was recomputed twice (backward through the "
                 "same graph again, retain_graph=True): its kept attention results are gone. "
                 "Set SeqParConfig(recompute_attention=True) for such training loops")
-        token = _CALL.set(self)
+        global _CALL
+        outer, _CALL = _CALL, self
         try:
             return function(*args, **kwargs)
         finally:
-            _CALL.reset(token)
+            _CALL = outer
 
 
 def kept(compute: Callable[[], tuple[torch.Tensor, torch.Tensor]], like: torch.Tensor
@@ -61,7 +62,7 @@ def kept(compute: Callable[[], tuple[torch.Tensor, torch.Tensor]], like: torch.T
     """(out, lse) = ``compute()``, kept for the recomputation of the checkpointed call this
     runs in; in that recomputation, the kept pair instead of computing. Outside a kept call,
     just ``compute()``. ``like``: the query tensor (checks the pair fits the call)."""
-    store = _CALL.get()
+    store = _CALL
     if store is None:
         return compute()
     if store.runs == 1:

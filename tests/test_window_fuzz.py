@@ -8,8 +8,9 @@ FlashAttention window is checked through a model of the op's rules, and the rows
 (192-token shards, dense document calls from 80 tokens, varlen below 64 rows on a side) so a few
 hundred tokens reach every kind of call.
 
-Seeded random rows (documents of 1...400 tokens, padding runs, two rows that differ), random
-windows (1 token ... longer than the row) and layouts, sinks on some cases; fp64, forward and
+Seeded random rows (documents of 1...400 tokens, padding runs, two rows that differ; the GPU
+fuzz's generator), random windows (1 token ... longer than the row, or none) and layouts,
+sinks on some cases; fp64, forward and
 every gradient against the naive reference (tests/reference.py) within 1e-10; SP 1-4 (3
 included), one spawned gloo group per world size.
 """
@@ -23,6 +24,7 @@ import torch
 from _dist import run_distributed
 from _exact import make_inputs, single_thread
 from _fused_like import fused_like_kernel
+from _gpu import ids_of, random_lengths
 from reference import window_reference
 
 from seqpar_ring import documents, kernels
@@ -35,31 +37,12 @@ TOL = 1e-10
 WINDOWS = (1, 2, 3, 5, 17, 63, 64, 65, 100, 191, 192, 250, 10**6, None)  # None: no window
 
 
-def _lengths(rng: random.Random, seq: int) -> list[int]:
-    """Document lengths filling ``seq`` (negative: a padding run)."""
-    out, left = [], seq
-    while left:
-        n = min(left, rng.choice([1, 1, 2, 3, rng.randint(1, 40), rng.randint(1, 200),
-                                  rng.randint(60, 400)]))
-        out.append(-n if rng.random() < 0.15 else n)
-        left -= n
-    return out
-
-
-def _ids(lengths: list[int]) -> torch.Tensor:
-    row, doc = [], 0
-    for n in lengths:
-        row += [-1] * -n if n < 0 else [doc] * n
-        doc += n > 0
-    return torch.tensor(row)
-
-
 def _case(rank: int, world: int, i: int) -> None:
     rng = random.Random(1000 * world + i)
     seq = SHARD * world
     layout = rng.choice(("contiguous", "zigzag"))
     window = rng.choice(WINDOWS)
-    ids = torch.stack([_ids(_lengths(rng, seq)) for _ in range(2)])
+    ids = torch.stack([ids_of(random_lengths(rng, seq, longest=400)) for _ in range(2)])
     data = make_inputs(7 * world + i, 2, seq, HEADS, KV_HEADS, DIM)
     g = torch.Generator().manual_seed(i)
     sinks = torch.randn(HEADS, generator=g, dtype=torch.float64) if i % 3 == 0 else None
