@@ -105,6 +105,7 @@ def main(argv=None) -> None:
     if args.out and dist.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump(losses, f)
+    dist.barrier()  # no rank tears the group down while a peer still talks to it
     dist.destroy_process_group()
 
 

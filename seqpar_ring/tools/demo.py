@@ -57,6 +57,7 @@ def _worker(rank: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
     try:
         _run(rank)
+        dist.barrier()  # no rank tears the group down while a peer still talks to it
     finally:
         sp.destroy()
         dist.destroy_process_group()
