@@ -12,7 +12,7 @@ Seeded random rows (documents of 1...400 tokens, padding runs, two rows that dif
 fuzz's generator), random windows (1 token ... longer than the row, or none) and layouts,
 sinks on some cases; fp64, forward and
 every gradient against the naive reference (tests/reference.py) within 1e-10; SP 1-4 (3
-included), one spawned gloo group per world size.
+included; Ulysses 2 x ring 2 on some SP = 4 cases), one spawned gloo group per world size.
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ from _gpu import ids_of, random_lengths
 from reference import window_reference
 
 from seqpar_ring import documents, kernels
+from seqpar_ring import groups as sp_groups
 from seqpar_ring.layout import shard
 from seqpar_ring.ring import ring_attention
+from seqpar_ring.ulysses import ulysses_ring_attention
 
 SHARD, HEADS, KV_HEADS, DIM = 192, 4, 2, 8
 CASES = 12
@@ -53,19 +55,26 @@ def _case(rank: int, world: int, i: int) -> None:
     ref = window_reference(*leaves, window, doc_ids=ids, sinks=s_ref)
     want = torch.autograd.grad(ref, leaves + ([s_ref] if s_ref is not None else []), dout)
 
+    u = 2 if world == 4 and i % 3 == 1 else 1  # Ulysses 2 x ring 2 on some SP = 4 cases
+
     def sh(x):
-        return shard(x, world, rank, layout, dim=1).contiguous() if world > 1 else x
+        return shard(x, world, rank, layout, dim=1, ulysses_size=u).contiguous() \
+            if world > 1 else x
 
     q, k, v = (sh(data[n].double()).requires_grad_(True) for n in ("q", "k", "v"))
     s = None if sinks is None else sinks.clone().requires_grad_(True)
-    out = ring_attention(q, k, v, torch.distributed.group.WORLD if world > 1 else None,
-                         layout=layout, window=window, sinks=s, doc_ids=sh(ids))
+    kw = dict(layout=layout, window=window, sinks=s, doc_ids=sh(ids))
+    if u > 1:
+        out = ulysses_ring_attention(q, k, v, sp_groups.initialize(world, ulysses_size=u), **kw)
+    else:
+        out = ring_attention(q, k, v, torch.distributed.group.WORLD if world > 1 else None, **kw)
     got = torch.autograd.grad(out, [q, k, v] + ([s] if s is not None else []), sh(dout))
     if s is not None and world > 1:
         ds = got[3].clone()
         torch.distributed.all_reduce(ds)
         got = (*got[:3], ds)
-    ctx = f"rank {rank}/{world} case {i} layout={layout} W={window} sinks={sinks is not None}"
+    ctx = (f"rank {rank}/{world} case {i} layout={layout} W={window} u={u} "
+           f"sinks={sinks is not None}")
     mask = sh(real)[..., None, None]
     pairs = [("out", out * mask, sh(ref.detach()) * mask)] + [
         (n, a, sh(b) if n != "dsinks" else b)
@@ -86,6 +95,7 @@ def _all_cases(rank: int, world: int) -> int:
                 _case(rank, world, i)
     finally:
         kernels.KERNELS["torch"], documents.DENSE_MIN_TOKENS = saved
+        sp_groups.destroy()
     assert "causal" in calls and "band" in calls, "band.py's calls were not reached"
     return CASES
 
