@@ -176,5 +176,18 @@ def test_bench_tables_say_ranks_share_a_gpu(monkeypatch, capsys):
     assert "100.0" in text and "0.500" in text  # 400 ms / 4 ranks, 2 s / 4 ranks
     assert "kernel_ms/rank" not in text and "77.0" in text  # one rank's own time already
     assert common.kernel_ms(lambda: None, torch.device("cpu")) is None  # CUDA profiler only
+    assert common.device_activities(lambda: None, torch.device("cpu")) is None
     monkeypatch.setattr(common, "SHARED", {})
     assert "share" not in common.print_table([{"ms": 1.0}], ["ms"], "t")
+
+
+def test_kernel_breakdown_groups_by_name():
+    from seqpar_ring.tools.bench import common
+
+    acts = [("cudnn_fwd", 6_000_000), ("flip", 1_000_000), ("cudnn_fwd", 2_000_000),
+            ("Memcpy DtoD", 500_000), ("lerp", 500_000)]
+    rows = common.kernel_breakdown(acts, top=2)
+    assert [r["kernel"] for r in rows] == ["cudnn_fwd", "flip", "(2 others)"]
+    assert rows[0]["calls"] == 2 and rows[0]["ms"] == 8.0 and rows[0]["share"] == 0.8
+    assert rows[2]["calls"] == 2 and rows[2]["ms"] == 1.0
+    assert sum(r["share"] for r in rows) == pytest.approx(1.0)

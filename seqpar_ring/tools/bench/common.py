@@ -83,14 +83,11 @@ def timeit(fn: Callable[[], Any], device: torch.device, *, warmup: int = 1, iter
     return statistics.median(times)
 
 
-def kernel_ms(fn: Callable[[], Any], device: torch.device, group=None) -> float | None:
-    """GPU time of this process's kernels in one run of ``fn``, in ms (the largest over the
-    ranks of ``group``), or None off CUDA or when the profiler gives nothing.
-
-    With ranks sharing a GPU a step's wall time also holds the other ranks' kernels and the
-    host-staged exchange; the sum of a rank's own kernel durations (CUDA profiler, copies and
-    memsets left out) is that rank's compute time — what `print_table` reports as kernel_ms.
-    """
+def device_activities(fn: Callable[[], Any], device: torch.device
+                      ) -> list[tuple[str, int]] | None:
+    """(name, ns) of every GPU activity of this process (kernels, copies) in one run of ``fn``,
+    from the CUDA profiler's raw records (no operator tree, so nothing counts twice); None off
+    CUDA."""
     if device.type != "cuda":
         return None
     from torch.profiler import ProfilerActivity, profile
@@ -99,14 +96,51 @@ def kernel_ms(fn: Callable[[], Any], device: torch.device, group=None) -> float 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         sync(device)
-    # the raw device records: no operator tree, so nothing is counted twice
-    ns = sum(e.duration_ns() for e in prof.profiler.kineto_results.events()
-             if e.device_type() == torch.autograd.DeviceType.CUDA
-             and not e.name().lower().startswith(("memcpy", "memset")))
+    return [(e.name(), e.duration_ns()) for e in prof.profiler.kineto_results.events()
+            if e.device_type() == torch.autograd.DeviceType.CUDA]
+
+
+def _is_copy(name: str) -> bool:
+    return name.lower().startswith(("memcpy", "memset"))
+
+
+def kernel_ms(fn: Callable[[], Any], device: torch.device, group=None) -> float | None:
+    """GPU time of this process's kernels in one run of ``fn``, in ms (the largest over the
+    ranks of ``group``), or None off CUDA or when the profiler gives nothing.
+
+    With ranks sharing a GPU a step's wall time also holds the other ranks' kernels and the
+    host-staged exchange; the sum of a rank's own kernel durations (copies and memsets left
+    out) is that rank's compute time — what `print_table` reports as kernel_ms.
+    """
+    acts = device_activities(fn, device)
+    if acts is None:
+        return None
+    ns = sum(d for name, d in acts if not _is_copy(name))
     ms = torch.tensor([ns / 1e6 if ns > 0 else float("nan")])
     if dist.is_initialized():
         dist.all_reduce(ms, op=dist.ReduceOp.MAX, group=group)  # a CPU tensor: gloo carries it
     return None if ms.isnan().item() else ms.item()
+
+
+def kernel_breakdown(acts: list[tuple[str, int]], top: int = 12, width: int = 60
+                     ) -> list[dict]:
+    """Where the GPU time of a run went: rows (kernel, calls, ms, share), grouped by name,
+    largest first; the rest summed in one row. Names cut to ``width`` characters."""
+    total = sum(d for _, d in acts) or 1
+    groups: dict[str, list[int]] = {}
+    for name, d in acts:
+        g = groups.setdefault(name, [0, 0])
+        g[0] += 1
+        g[1] += d
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1][1])
+    rows = [dict(kernel=name[:width], calls=n, ms=ns / 1e6, share=ns / total)
+            for name, (n, ns) in ranked[:top]]
+    rest = ranked[top:]
+    if rest:
+        rows.append(dict(kernel=f"({len(rest)} others)", calls=sum(n for _, (n, _) in rest),
+                         ms=sum(ns for _, (_, ns) in rest) / 1e6,
+                         share=sum(ns for _, (_, ns) in rest) / total))
+    return rows
 
 
 def attention_flops(seq: int, heads: int, head_dim: int, *, causal: bool, backward: bool,

@@ -25,7 +25,8 @@ import gc
 
 import torch
 
-from .common import init_from_env, peak_gib, print_table, reset_peak, timeit, write_json
+from .common import (device_activities, init_from_env, kernel_breakdown, peak_gib, print_table,
+                     reset_peak, timeit, write_json)
 
 H, HKV, D = 32, 8, 128
 
@@ -48,7 +49,7 @@ def _inputs(seq: int, dev):
             .requires_grad_(True) for h in (H, HKV, HKV)]
 
 
-def _ours(seq, window, dev, iters):
+def _our_step(seq, window, dev):
     from seqpar_ring import ring_attention
 
     q, k, v = _inputs(seq, dev)
@@ -56,7 +57,18 @@ def _ours(seq, window, dev, iters):
     def step():
         out = ring_attention(q, k, v, None, causal=True, window=window)
         out.backward(torch.ones_like(out))
-    return timeit(step, dev, warmup=2, iters=iters)
+    return step
+
+
+def _ours(seq, window, dev, iters):
+    return timeit(_our_step(seq, window, dev), dev, warmup=2, iters=iters)
+
+
+def profile_rows(seq, window, dev) -> list[dict]:
+    """Where one windowed fwd+bwd of ours spends its GPU time (`common.kernel_breakdown`)."""
+    step = _our_step(seq, window, dev)
+    step()  # warm: plans, cuDNN graphs
+    return kernel_breakdown(device_activities(step, dev), top=15)
 
 
 def _flex(seq, window, dev, iters):
@@ -196,6 +208,8 @@ def main(argv=None) -> None:
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--skip-attention", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="also: GPU time of one windowed fwd+bwd by kernel, at the longest --seq")
     ap.add_argument("--out", default="window.json")
     a = ap.parse_args(argv)
     _, world, dev = init_from_env()
@@ -209,6 +223,14 @@ def main(argv=None) -> None:
                     f"one attention layer, {H}/{HKV} heads x {D}, W={a.window}, causal fwd+bwd, "
                     "useful TFLOP/s")
         payload["attention"] = rows
+    if a.profile:
+        seq = max(a.seq)
+        rows = profile_rows(seq, a.window, dev)
+        print_table(rows, ["kernel", "calls", "ms", "share"],
+                    f"GPU time by kernel, ours (window), S={seq}, W={a.window}, one fwd+bwd")
+        payload["profile"] = rows
+        gc.collect()
+        torch.cuda.empty_cache()
     if not a.skip_e2e:
         rows = e2e_rows(a, dev)
         print_table(rows, ["impl", "seq", "tokens_per_s", "step_s", "peak_gib", "vs_flex",
