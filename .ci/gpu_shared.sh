@@ -68,7 +68,7 @@ bench-ring)
     done
     ;;
 bench-window)
-    timeout 540 python -m seqpar_ring.bench window --out "$out/window.json" 2>&1 \
+    timeout 540 python -m seqpar_ring.bench window --profile --out "$out/window.json" 2>&1 \
         | grep -v Warning | tail -24
     ;;
 *)
