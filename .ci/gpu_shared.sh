@@ -69,7 +69,7 @@ bench-ring)
     ;;
 bench-window)
     timeout 540 python -m seqpar_ring.bench window --profile --out "$out/window.json" 2>&1 \
-        | grep -v Warning | tail -24
+        | grep -v Warning | tail -50
     ;;
 *)
     echo "usage: $0 suite|attention|models|bench-packed|bench-shared|bench-ring|bench-window" >&2
