@@ -107,17 +107,9 @@ def enable_activation_offload(model: nn.Module) -> ActivationOffload:
     def pre_hook(module, args):
         if not (offload.enabled and module.training and torch.is_grad_enabled()):
             return None
-        on = [layer for layer in layers if getattr(layer, "gradient_checkpointing", False)]
-        if not on:
-            raise RuntimeError(
-                "activation_offload=true moves the inputs that gradient checkpointing keeps, "
-                "but checkpointing is off: call model.gradient_checkpointing_enable() "
-                "(or set activation_offload=false)"
-            )
-        for layer in on:
-            fn = layer._gradient_checkpointing_func
-            if not offload.owns(fn):
-                layer._gradient_checkpointing_func = offload.wrap(fn)
+        hf_recompute.wrap_checkpointed(
+            layers, offload, "activation_offload=true moves the inputs that gradient "
+            "checkpointing keeps", "set activation_offload=false")
         offload.new_pass()
         return None
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from seqpar_ring.recompute import KeepAttention
 
-__all__ = ["enable", "disable", "get"]
+__all__ = ["enable", "disable", "get", "wrap_checkpointed"]
 
 _ATTR = "_seqpar_ring_keep_attention"  # (KeepAttention, hook handle)
 
@@ -37,23 +37,30 @@ def enable(model: nn.Module, layers: list[nn.Module], target: nn.Module) -> Keep
     keep = KeepAttention()
 
     def pre_hook(module, args):
-        if not (keep.enabled and module.training and torch.is_grad_enabled()):
-            return None
-        on = [layer for layer in layers if getattr(layer, "gradient_checkpointing", False)]
-        if not on:
-            raise RuntimeError(
-                "recompute_attention=false keeps attention across gradient checkpointing's "
-                "recomputation, but checkpointing is off: call "
-                "model.gradient_checkpointing_enable() (or set recompute_attention=true)")
-        for layer in on:
-            fn = layer._gradient_checkpointing_func
-            if not keep.owns(fn):
-                layer._gradient_checkpointing_func = keep.wrap(fn)
+        if keep.enabled and module.training and torch.is_grad_enabled():
+            wrap_checkpointed(layers, keep, "recompute_attention=false keeps attention across "
+                              "gradient checkpointing's recomputation",
+                              "set recompute_attention=true")
         return None
 
     handle = target.register_forward_pre_hook(pre_hook)
     object.__setattr__(model, _ATTR, (keep, handle))
     return keep
+
+
+def wrap_checkpointed(layers: list[nn.Module], owner, does: str, off: str) -> list[nn.Module]:
+    """Wrap the checkpoint function of every checkpointed layer in ``layers`` with
+    ``owner.wrap``, unless ``owner`` already owns it; return those layers. None checkpointed:
+    an error, "<does>, but checkpointing is off: ... (or <off>)"."""
+    on = [layer for layer in layers if getattr(layer, "gradient_checkpointing", False)]
+    if not on:
+        raise RuntimeError(f"{does}, but checkpointing is off: call "
+                           f"model.gradient_checkpointing_enable() (or {off})")
+    for layer in on:
+        fn = layer._gradient_checkpointing_func
+        if not owner.owns(fn):
+            layer._gradient_checkpointing_func = owner.wrap(fn)
+    return on
 
 
 def disable(model: nn.Module) -> None:
