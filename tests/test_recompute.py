@@ -151,3 +151,28 @@ def test_config_field():
     assert SeqParConfig().recompute_attention is True
     with pytest.raises(ValueError, match="recompute_attention"):
         SeqParConfig(recompute_attention="no")
+
+
+def test_register_path_keeps_attention_and_stays_exact(count, monkeypatch):
+    """register(config) + attn_implementation="seqpar_ring": patched at the first forward, the
+    option applied there too (two forwards before one backward, under checkpointing)."""
+    from transformers import AutoModelForCausalLM
+
+    from seqpar_ring.integrations import hf as hf_mod
+    from seqpar_ring.integrations.hf import ATTN_NAME, register
+
+    monkeypatch.setattr(hf_mod, "_REGISTERED", [])  # this test's registration ends with it
+    base = model64()
+    a, b = rows(4, [[6, 10], [16]]), rows(5, [[9, 7], [4, 12]])
+    (ra, rb), rg = ref_step(base, a, b)
+    register(SeqParConfig(sp_size=1, recompute_attention=False))
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(base.config),
+                                             attn_implementation=ATTN_NAME).double()
+    model.load_state_dict(base.state_dict())
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    count["n"] = 0
+    la, lb = model(**a).loss, model(**b).loss
+    (la + lb).backward()
+    assert count["n"] == 2 * base.config.num_hidden_layers  # once per layer and forward
+    assert_match("register, recompute_attention=False", la + lb, grads_of(model), ra + rb, rg)
