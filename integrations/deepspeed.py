@@ -153,10 +153,45 @@ def prepare_model_for_zero3(model: nn.Module, ds: Mapping[str, Any], groups: SPG
     object.__setattr__(model, _ZERO3_HOOKS_ATTR, hooks)
 
 
+def shared_gpu_device() -> int | None:
+    """This rank's CUDA device when its host runs more ranks than it has GPUs (ranks sharing a
+    GPU: docs/shared-gpu.md), from torchrun's LOCAL_RANK / LOCAL_WORLD_SIZE; else None."""
+    if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+        return None
+    gpus = torch.cuda.device_count()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    per_host = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return local % gpus if max(per_host, local + 1) > gpus else None
+
+
+def _use_shared_gpu(index: int) -> None:
+    """Put this rank on ``cuda:index`` for torch and for DeepSpeed.
+
+    DeepSpeed takes ``cuda:$LOCAL_RANK`` as a rank's device — in its engine, ``zero.Init`` and
+    ZeRO-3's runtime checks — and that device does not exist when ranks share a GPU (rank 1 of
+    2 on one GPU: "invalid device ordinal"). So LOCAL_RANK is set to the device index for the
+    rest of the process; RANK and WORLD_SIZE are untouched.
+    """
+    torch.cuda.set_device(index)
+    if os.environ.get("LOCAL_RANK") != str(index):
+        logger.info("ranks share GPUs: LOCAL_RANK %s -> %d (DeepSpeed's device index)",
+                    os.environ.get("LOCAL_RANK"), index)
+        os.environ["LOCAL_RANK"] = str(index)
+
+
 def _init_distributed(dist_backend: str | None) -> None:
     """DeepSpeed's communication backend over the process group (started here if needed)."""
     import deepspeed
 
+    shared = shared_gpu_device()
+    if shared is not None:
+        _use_shared_gpu(shared)
+        if dist_backend is None and not dist.is_initialized():
+            # NCCL refuses two ranks on one GPU; gloo runs them and our transport stages CUDA
+            # tensors through host memory
+            logger.info("more ranks than GPUs on this host: process group on gloo, cuda:%d",
+                        shared)
+            dist_backend = "gloo"
     # DeepSpeed picks the accelerator's backend (nccl on CUDA, gloo on CPU) when None; over an
     # existing torch.distributed group it only wraps it.
     deepspeed.init_distributed(dist_backend=dist_backend)
@@ -237,13 +272,15 @@ def initialize(
 
         apply_reach(model, sp_cfg)
     mark_reduced_by(model, "deepspeed", groups)  # its mpu sums over SP: no second sum, no check
-    if _zero_stage(ds) == 3:
-        prepare_model_for_zero3(model, ds, groups)
     if args is not None:  # the config is passed resolved; DeepSpeed refuses both
         args = copy.copy(args)
         for name in ("deepspeed_config", "deepscale_config"):
             if getattr(args, name, None) is not None:
                 setattr(args, name, None)
+        if shared_gpu_device() is not None and getattr(args, "local_rank", -1) not in (None, -1):
+            args.local_rank = int(os.environ["LOCAL_RANK"])  # DeepSpeed checks it against env
+    if _zero_stage(ds) == 3:
+        prepare_model_for_zero3(model, ds, groups)
     out = _deepspeed_initialize(
         args=args,
         model=model,

@@ -46,3 +46,18 @@ def test_band_from_causal_calls(b, n, h, hkv, band, calls):
     for name, g, w in zip("qkv", got, want):
         assert g.shape == w.shape, name
         torch.testing.assert_close(g, w, atol=1e-12, rtol=0, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_reversed_rows_move_wide_words_exactly(dtype):
+    """`_rev` flips rows as 16- or 8-byte words where the layout allows, else element-wise:
+    bitwise the same as ``flip(2)``, on views with offsets and odd head dims too."""
+    x = torch.randn(2, 40, 3, 16, dtype=torch.float64).to(dtype).transpose(1, 2)
+    views = [x, x[:, :, 5:33], x[:, 1:, 3:], x[..., 1:9], x[..., :6], x.contiguous()[:, :, 2:]]
+    wide = [B._wide(v) for v in views]
+    assert wide[0] is torch.complex128 and wide[3] is None  # odd offset: element-wise
+    for v in views:
+        r = B._rev(v)
+        assert torch.equal(r, v.flip(2)) and r.dtype == dtype
+    lse = torch.randn(2, 3, 40, dtype=torch.float32)
+    assert torch.equal(B._rev(lse), lse.flip(2))

@@ -293,3 +293,32 @@ def test_checkpoint_resume_in_new_processes(tmp_path, stage):
     resumed = run_distributed(_ckpt_load, 2, path, stage, timeout=180)[0]
     assert resumed[2] == uninterrupted  # same SP size: bit-identical
     assert resumed[1] == pytest.approx(uninterrupted, rel=1e-5)  # other SP size: same math
+
+
+def test_ranks_sharing_a_gpu_get_deepspeed_a_device_that_exists(monkeypatch):
+    """torchrun --nproc-per-node 2 on one GPU: DeepSpeed puts a rank on cuda:LOCAL_RANK, which
+    does not exist for rank 1 ("invalid device ordinal" on an H200). `initialize` maps the rank
+    to local % GPUs, LOCAL_RANK included, and starts gloo (NCCL refuses two ranks on a GPU)."""
+    import deepspeed
+
+    devices, backends = [], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda dist_backend: backends.append(
+        dist_backend))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert sp_ds.shared_gpu_device() == 0
+    sp_ds._init_distributed(None)
+    assert devices == [0] and backends == ["gloo"] and os.environ["LOCAL_RANK"] == "0"
+    assert sp_ds.shared_gpu_device() == 0  # idempotent once mapped
+    sp_ds._init_distributed("nccl")  # the user's explicit choice is kept
+    assert backends[-1] == "nccl"
+    # one rank per GPU (or more GPUs than ranks): nothing changes
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert sp_ds.shared_gpu_device() is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert sp_ds.shared_gpu_device() is None

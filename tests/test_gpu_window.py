@@ -103,3 +103,45 @@ def test_windowed_pass_with_sinks_matches_torch_kernel(kernel):
         _close(res[0][:4], res[1][:4], ctx)
         err = (res[0][4] - res[1][4]).abs().max().item()
         assert err <= ATOL + RTOL * res[1][4].abs().max().item(), f"{ctx}: dsinks err {err:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rows_kernels_match_torch_ops(dtype):
+    """kernels/rows.py (Triton) against the torch ops `band.py` runs on other devices, on the
+    strided (A, M, H, R, D) views the band hands them: the add bitwise (one fp32 add, rounded
+    once), the merge within two roundings of the output dtype (1e-5 relative in fp32) of an
+    fp64 merge."""
+    from seqpar_ring.kernels import rows
+
+    assert rows.available(torch.empty(1, device="cuda")), "Triton is missing from this install"
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for a, m, r, d in ((1, 5, 37, 128), (2, 3, 70, 64), (1, 2, 5, 80)):
+        base = torch.randn(a * (m + 1), r + 1, H, d, device="cuda", dtype=dtype, generator=g)
+        before = base.clone()
+
+        def region(x):  # the band's layout: rows 0 .. R-1 of blocks 1 .. M
+            return x.transpose(1, 2).unflatten(0, (a, m + 1))[:, 1:, :, :r]
+        view = region(base)
+        g2 = torch.randn(a, m, H, r, d, device="cuda", dtype=dtype, generator=g)
+        want = (view.float() + g2.flip(3).float()).to(dtype)
+        rows.add_reversed_(view, g2)
+        assert torch.equal(view, want), (a, m, r, d)
+
+        lse_base = torch.randn(a * (m + 1), H, r + 1, device="cuda", generator=g) * 3
+        lse_before = lse_base.clone()
+        lse = lse_base.unflatten(0, (a, m + 1))[:, 1:, :, :r]
+        lse2 = torch.randn(a, m, H, r, device="cuda", generator=g) * 3
+        o2 = torch.randn(a, m, H, r, d, device="cuda", dtype=dtype, generator=g)
+        l1, l2 = lse.double(), lse2.flip(3).double()
+        new = torch.logaddexp(l1, l2)
+        want_o = (view.double() * (l1 - new).exp()[..., None]
+                  + o2.flip(3).double() * (l2 - new).exp()[..., None])
+        rows.merge_reversed_(view, lse, o2, lse2)
+        # Triton's exp/log are approximate (about 1e-6 relative in fp32)
+        tol = max(2 * torch.finfo(dtype).eps, 1e-5) * want_o.abs().max().item()
+        assert (view.double() - want_o).abs().max().item() <= tol, (a, m, r, d)
+        assert (lse.double() - new).abs().max().item() <= 1e-5, (a, m, r, d)
+        region(before).copy_(view)  # every row outside the view untouched
+        assert torch.equal(before, base)
+        lse_before.unflatten(0, (a, m + 1))[:, 1:, :, :r].copy_(lse)
+        assert torch.equal(lse_before, lse_base)

@@ -431,6 +431,8 @@ def main(argv: list[str] | None = None) -> None:
         try:
             impl.setup()
         except Exception as e:  # noqa: BLE001 - one broken implementation must not stop the other
+            if world > 1:  # the other ranks wait inside setup's collectives: end the job
+                raise
             traceback.print_exc()
             rows.append({"impl": name, "status": f"setup failed: {type(e).__name__}: {e}"[:160]})
             impl.teardown()
