@@ -56,10 +56,11 @@ bench-shared)
     n="${2:-2}"
     timeout 240 torchrun --nproc-per-node "$n" -m seqpar_ring.bench e2e --impl seqpar \
         --zero 2 --seq 65536 262144 --steps 2 --budget-s 60 --out "$out/e2e_shared$n.json" \
-        2>&1 | grep -v Warning | tail -8
+        2>&1 | tee "$out/e2e_shared$n.log" | grep -v Warning | tail -8
     # rank 0 also times the one-GPU rows and compiles FlexAttention references
     timeout 300 torchrun --nproc-per-node "$n" -m seqpar_ring.bench packed --skip-e2e \
-        --out "$out/packed_shared$n.json" 2>&1 | grep -v Warning | tail -10
+        --out "$out/packed_shared$n.json" 2>&1 | tee "$out/packed_shared$n.log" \
+        | grep -v Warning | tail -10
     ;;
 bench-ring)
     for n in 2 4; do

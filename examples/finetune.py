@@ -50,6 +50,7 @@ from passkey_eval import (  # noqa: E402
 from recipes import PRESETS, lr_lambda, parse_stages, preset_ds_config, step_plan  # noqa: E402
 
 from seqpar_ring.integrations import deepspeed as sp_ds  # noqa: E402
+from seqpar_ring.groups import shutdown  # noqa: E402
 from seqpar_ring.integrations.hf import SPDataCollator, shard_dataloader  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -447,9 +448,10 @@ def _worker(rank: int, world: int, port: int, args) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(minutes=5))
     try:
         train(args)
-        dist.barrier()  # no rank tears the group down while a peer still talks to it
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        shutdown(wait=False)  # a peer may never arrive: tear down at once
+        raise
+    shutdown()  # every rank arrives before any tears the groups down
 
 
 def _check_gpus(args) -> None:
@@ -485,9 +487,10 @@ def main(argv=None) -> None:
             dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=5))
         try:
             train(args)
-        finally:
-            if args.preset:
-                dist.destroy_process_group()
+        except BaseException:
+            shutdown(wait=False)  # a peer may never arrive: tear down at once
+            raise
+        shutdown()  # every rank arrives before any tears the groups down
         return
     import torch.multiprocessing as mp
 

@@ -29,6 +29,7 @@ import finetune  # noqa: E402  (model, curriculum-free data, evaluation table)
 import passkey  # noqa: E402
 
 from seqpar_ring.config import SeqParConfig  # noqa: E402
+from seqpar_ring.groups import shutdown  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -170,9 +171,10 @@ def _worker(rank: int, world: int, port: int, args) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(minutes=5))
     try:
         train(args)
-        dist.barrier()  # no rank tears the group down while a peer still talks to it
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        shutdown(wait=False)  # a peer may never arrive: tear down at once
+        raise
+    shutdown()  # every rank arrives before any tears the groups down
 
 
 def main(argv=None) -> None:

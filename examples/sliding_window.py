@@ -23,7 +23,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from seqpar_ring import SeqParConfig
+from seqpar_ring import SeqParConfig, shutdown
 from seqpar_ring.integrations.hf import patch, shard_dataloader, sync_sp_gradients
 from seqpar_ring.integrations.hf_window import layer_kinds
 
@@ -105,8 +105,7 @@ def main(argv=None) -> None:
     if args.out and dist.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump(losses, f)
-    dist.barrier()  # no rank tears the group down while a peer still talks to it
-    dist.destroy_process_group()
+    shutdown()  # every rank arrives, then the groups are freed
 
 
 if __name__ == "__main__":

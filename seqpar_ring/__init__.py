@@ -37,7 +37,7 @@ _mount_integrations()
 
 from .config import SeqParConfig  # noqa: E402
 from .dilated import dilated_attention  # noqa: E402
-from .groups import SPGroups, destroy, get_groups, initialize  # noqa: E402
+from .groups import SPGroups, destroy, get_groups, initialize, shutdown  # noqa: E402
 from .layout import gather, shard, shard_batch, unshard  # noqa: E402
 from .loss import sp_cross_entropy  # noqa: E402
 from .modules import RingDilatedMultiheadAttention, sp_attention  # noqa: E402
@@ -55,6 +55,7 @@ __all__ = [
     "init_sp_groups",
     "get_groups",
     "destroy",
+    "shutdown",
     "shard",
     "unshard",
     "gather",

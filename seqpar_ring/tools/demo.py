@@ -57,10 +57,10 @@ def _worker(rank: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
     try:
         _run(rank)
-        dist.barrier()  # no rank tears the group down while a peer still talks to it
-    finally:
-        sp.destroy()
-        dist.destroy_process_group()
+    except BaseException:
+        sp.shutdown(wait=False)  # a peer may never arrive: tear down at once
+        raise
+    sp.shutdown()  # every rank arrives before any tears the groups down
 
 
 def _run(rank: int) -> None:

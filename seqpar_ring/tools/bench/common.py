@@ -67,14 +67,19 @@ def sync(device: torch.device) -> None:
 
 
 def timeit(fn: Callable[[], Any], device: torch.device, *, warmup: int = 1, iters: int = 3,
-           group=None) -> float:
-    """Median seconds of ``fn`` over ``iters`` runs, ranks aligned by a barrier before each run."""
+           group=None, aligned: bool = True) -> float:
+    """Median seconds of ``fn`` over ``iters`` runs, the ranks of ``group`` (default: the world,
+    when a process group exists) aligned by a barrier before each run.
+
+    ``aligned=False``: this rank times alone while its peers wait elsewhere (rank 0's one-GPU
+    reference rows); a barrier there would pair with a peer's unrelated collective and hang.
+    """
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(iters):
         sync(device)
-        if group is not None or dist.is_initialized():
+        if aligned and (group is not None or dist.is_initialized()):
             dist.barrier(group=group)
         t0 = time.perf_counter()
         fn()

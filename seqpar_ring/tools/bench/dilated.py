@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from seqpar_ring.dilated import dilated_attention
+from seqpar_ring.groups import shutdown
 from seqpar_ring.ring import ring_attention
 from .common import (attention_flops, init_from_env, peak_gib, print_table, reset_peak, timeit,
                      write_json)
@@ -108,9 +109,7 @@ def main(argv=None):
             print_table(result["buckets"], ["seq", "bucket_size", "peak_mib", "ms"],
                         "torch kernel: peak memory vs bucket size (one GPU/CPU, fwd+bwd)")
         write_json(args.out, result)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    shutdown()  # every rank arrives before any tears the groups down
 
 
 def check(group, dev, world, rank, kernel) -> list[dict]:

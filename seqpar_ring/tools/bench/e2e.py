@@ -41,6 +41,7 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
+from seqpar_ring.groups import shutdown
 from seqpar_ring.tools import plan as planner
 
 from . import reach
@@ -476,5 +477,4 @@ def main(argv: list[str] | None = None) -> None:
                            "rows": rows, "max_seq_len": maxima, "reach": summary})
         if a.plot:
             plot(a.out)
-    if dist.is_initialized():
-        dist.barrier()
+    shutdown()  # every rank arrives before any tears the groups down

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from seqpar_ring.groups import shutdown
 from seqpar_ring.layout import shard
 from seqpar_ring.ring import ring_attention
 
@@ -250,9 +251,7 @@ def main(argv=None):
             print_table(result["memory"], ["seq", "gpus", "total_gib", "working_gib"],
                         "peak memory per GPU, causal fwd+bwd, MHA")
         write_json(args.out, result)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    shutdown()  # every rank arrives before any tears the groups down
 
 
 if __name__ == "__main__":
