@@ -49,8 +49,8 @@ from passkey_eval import (  # noqa: E402
 )
 from recipes import PRESETS, lr_lambda, parse_stages, preset_ds_config, step_plan  # noqa: E402
 
+from seqpar_ring import shutdown  # noqa: E402
 from seqpar_ring.integrations import deepspeed as sp_ds  # noqa: E402
-from seqpar_ring.groups import shutdown  # noqa: E402
 from seqpar_ring.integrations.hf import SPDataCollator, shard_dataloader  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -28,8 +28,8 @@ import arg_checks  # noqa: E402
 import finetune  # noqa: E402  (model, curriculum-free data, evaluation table)
 import passkey  # noqa: E402
 
+from seqpar_ring import shutdown  # noqa: E402
 from seqpar_ring.config import SeqParConfig  # noqa: E402
-from seqpar_ring.groups import shutdown  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -30,8 +30,8 @@ group takes every u-th rank of the SP group. Both sub-groups are explicit proces
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
@@ -335,8 +335,8 @@ def shutdown(timeout_s: float = 600.0, *, wait: bool = True) -> None:
     Why not gloo's ``barrier``: it queues an asynchronous work that keeps the previous
     collectives (and their tensors) alive, and gloo's worker thread may free it while the
     interpreter is exiting; freeing a Python-owned tensor there needs the GIL during
-    finalisation and aborts the process ("terminate called without an active exception", about
-    one run in 75 of a 2-rank CPU job). ``monitored_barrier`` runs in the calling thread, holds
+    finalisation and aborts the process now and then ("terminate called without an active
+    exception"). ``monitored_barrier`` runs in the calling thread, holds
     no earlier work, and names a rank that has not arrived within ``timeout_s`` instead of
     waiting forever. NCCL groups use ``barrier`` (NCCL has no monitored barrier).
     ``wait=False`` on an error path, where a peer may never arrive: tear down at once.
@@ -344,12 +344,9 @@ def shutdown(timeout_s: float = 600.0, *, wait: bool = True) -> None:
     if not dist.is_initialized():
         destroy()
         return
-    if not wait:
-        pass
-    elif dist.get_backend() == "gloo":
+    if wait and dist.get_backend() == "gloo":
         dist.monitored_barrier(timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
-    else:
+    elif wait:
         dist.barrier()
     destroy()
     dist.destroy_process_group()
-
