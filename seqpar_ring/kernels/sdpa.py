@@ -198,7 +198,7 @@ _CUDNN_BAND = SimpleNamespace(
 
 
 class CudnnKernel:
-    """cuDNN fused attention (fastest on Hopper for bf16/fp16 in BENCHMARKS.md)."""
+    """cuDNN fused attention (the fastest on Hopper for bf16/fp16 in our H200 runs)."""
 
     name = "cudnn"
     supports_masks = False
