@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import comm as C
+from .kernels import xent
 
 __all__ = ["sp_cross_entropy"]
 
@@ -33,8 +34,9 @@ class _SPCrossEntropy(torch.autograd.Function):
     The global mean depends on this rank's logits only through its own tokens' terms, so
     d(loss)/d(local logits) = (softmax - onehot) / global_count on valid tokens: no
     communication. Summed over SP ranks, the parameter gradients are the true gradient.
-    Both passes work on slices of rows (`CHUNK_ELEMENTS`): the only full-size tensor they
-    allocate is the logits' gradient, in the logits' dtype.
+    Both passes work on slices of rows (`CHUNK_ELEMENTS`), or on GPU in one Triton pass each
+    (`kernels.xent`): the only full-size tensor they allocate is the logits' gradient, in the
+    logits' dtype.
     """
 
     @staticmethod
@@ -45,9 +47,12 @@ class _SPCrossEntropy(torch.autograd.Function):
         y = labels.reshape(-1)
         valid = y != ignore_index
         safe_y = torch.where(valid, y, torch.zeros_like(y))  # ignored tokens index class 0
-        lse = torch.empty(x.shape[0], dtype=cd, device=x.device)
-        for s in _slices(*x.shape):
-            lse[s] = torch.logsumexp(x[s].to(cd), dim=-1)
+        if xent.available(x):  # GPU: one read of the logits (kernels/xent.py)
+            lse = xent.row_lse(x)
+        else:
+            lse = torch.empty(x.shape[0], dtype=cd, device=x.device)
+            for s in _slices(*x.shape):
+                lse[s] = torch.logsumexp(x[s].to(cd), dim=-1)
         picked = x.gather(1, safe_y.unsqueeze(1)).squeeze(1).to(cd)
         tok_loss = torch.where(valid, lse - picked, torch.zeros_like(lse))
         # float64 keeps the count exact beyond 2**24 tokens and the sum free of rounding drift
@@ -64,11 +69,15 @@ class _SPCrossEntropy(torch.autograd.Function):
         x = logits.reshape(-1, logits.shape[-1])
         scale = (grad_out.double() / count).to(lse.dtype)
         weight = (valid.to(lse.dtype) * scale).unsqueeze(1)
-        grad = torch.empty_like(x)
-        for s in _slices(*x.shape):
-            g = torch.exp(x[s].to(lse.dtype) - lse[s].unsqueeze(1))  # softmax, recomputed
-            g.scatter_add_(1, safe_y[s].unsqueeze(1), torch.full_like(lse[s], -1.0).unsqueeze(1))
-            grad[s] = g.mul_(weight[s])
+        if xent.available(x):
+            grad = xent.row_grad(x, safe_y, lse, weight.squeeze(1))
+        else:
+            grad = torch.empty_like(x)
+            for s in _slices(*x.shape):
+                g = torch.exp(x[s].to(lse.dtype) - lse[s].unsqueeze(1))  # softmax, recomputed
+                g.scatter_add_(1, safe_y[s].unsqueeze(1),
+                               torch.full_like(lse[s], -1.0).unsqueeze(1))
+                grad[s] = g.mul_(weight[s])
         return grad.view(logits.shape), None, None, None
 
 

@@ -175,6 +175,10 @@ def test_bench_tables_say_ranks_share_a_gpu(monkeypatch, capsys):
     assert "not multi-GPU figures" in text and "ms/rank" in text and "step_s/rank" in text
     assert "100.0" in text and "0.500" in text  # 400 ms / 4 ranks, 2 s / 4 ranks
     assert "kernel_ms/rank" not in text and "77.0" in text  # one rank's own time already
+    text = common.print_table([{"ref_ms": 40.0, "sp_ms": 80.0, "sp_kernel_ms": 30.0}],
+                              ["ref_ms", "sp_ms", "sp_kernel_ms"], "packed", alone=("ref_ms",))
+    assert "sp_ms/rank" in text and "20.0" in text  # 80 ms shared by 4 ranks
+    assert "ref_ms/rank" not in text and "sp_kernel_ms/rank" not in text  # rank 0 alone; own
     assert common.kernel_ms(lambda: None, torch.device("cpu")) is None  # CUDA profiler only
     assert common.device_activities(lambda: None, torch.device("cpu")) is None
     monkeypatch.setattr(common, "SHARED", {})

@@ -167,8 +167,12 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def print_table(rows: list[dict], columns: list[str], title: str = "") -> str:
-    """Render rows as a fixed-width table (missing values as '-'); returns the text."""
+def print_table(rows: list[dict], columns: list[str], title: str = "", *,
+                alone: tuple[str, ...] = ()) -> str:
+    """Render rows as a fixed-width table (missing values as '-'); returns the text.
+
+    With ranks sharing GPUs, time columns get a '/rank' twin (time / ranks per GPU), except the
+    ``alone`` ones: timed by one rank while its peers waited (rank 0's one-GPU references)."""
     def fmt(v):
         if isinstance(v, float):
             return f"{v:,.1f}" if abs(v) >= 10 else f"{v:.3f}"
@@ -177,7 +181,8 @@ def print_table(rows: list[dict], columns: list[str], title: str = "") -> str:
     if SHARED:  # time columns also per rank: one GPU runs every rank's kernels in turn
         share = SHARED["ranks"] / SHARED["gpus"]
         timed = [c for c in columns if c in ("ms", "step_s") or
-                 (c.endswith("_ms") and c != "kernel_ms")]  # kernel_ms is one rank's already
+                 c.endswith("_ms") and not c.endswith("kernel_ms")]  # one rank's already
+        timed = [c for c in timed if c not in alone]
         rows = [dict(r, **{f"{c}/rank": r[c] / share for c in timed
                            if isinstance(r.get(c), (int, float))}) for r in rows]
         columns = [x for c in columns for x in ((c, f"{c}/rank") if c in timed else (c,))]

@@ -146,7 +146,10 @@ def build_mistral(attn: str, window: int, head_dim: int = 64):
     return model.train()
 
 
-def e2e_rows(a, dev) -> list[dict]:
+def e2e_rows(a, dev, profiles: dict | None = None) -> list[dict]:
+    """Tokens/s and peak memory of every ``--e2e-impls`` entry at every ``--e2e-seq``; with
+    ``profiles`` (a dict) also where one step at the shortest length spends its GPU time, per
+    implementation (`common.kernel_breakdown`, plus GPU-busy time against the step's wall)."""
     from seqpar_ring import SeqParConfig
     from seqpar_ring.integrations.hf import SPDataCollator, patch
 
@@ -175,6 +178,13 @@ def e2e_rows(a, dev) -> list[dict]:
                 t = timeit(step, dev, warmup=1, iters=a.iters)
                 rows.append(dict(impl=impl, seq=seq, tokens_per_s=seq / t, step_s=t,
                                  peak_gib=peak_gib(dev)))
+                print(f"e2e {impl} {seq}: {seq / t:,.0f} tokens/s, {rows[-1]['peak_gib']:.1f} "
+                      "GiB peak", flush=True)  # each row as it comes: a cut-off run keeps it
+                if profiles is not None and seq == min(a.e2e_seq) and impl not in profiles:
+                    acts = device_activities(step, dev)
+                    busy = sum(d for _, d in acts) / 1e6
+                    profiles[impl] = dict(step_ms=t * 1e3, gpu_busy_ms=busy,
+                                          kernels=kernel_breakdown(acts, top=200, width=200))
             except Exception as err:  # noqa: BLE001 - reported in the table (e.g. OOM)
                 rows.append(dict(impl=impl, seq=seq, status=repr(err)[:80]))
             gc.collect()
@@ -209,7 +219,8 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--skip-attention", action="store_true")
     ap.add_argument("--profile", action="store_true",
-                    help="also: GPU time of one windowed fwd+bwd by kernel, at the longest --seq")
+                    help="also: GPU time by kernel of one windowed fwd+bwd at the longest --seq "
+                    "and of one end-to-end step of each --e2e-impls at the shortest --e2e-seq")
     ap.add_argument("--out", default="window.json")
     a = ap.parse_args(argv)
     _, world, dev = init_from_env()
@@ -232,11 +243,19 @@ def main(argv=None) -> None:
         gc.collect()
         torch.cuda.empty_cache()
     if not a.skip_e2e:
-        rows = e2e_rows(a, dev)
+        profiles = {} if a.profile else None
+        rows = e2e_rows(a, dev, profiles)
         print_table(rows, ["impl", "seq", "tokens_per_s", "step_s", "peak_gib", "vs_flex",
                            "mem_vs_flex", "status"],
                     f"end to end, 1.1B Mistral shape (head_dim {a.head_dim}, sliding_window "
                     f"{a.window}), bf16, "
                     "checkpointing, one row, fwd+bwd")
         payload["e2e"] = rows
+        for impl, prof in (profiles or {}).items():
+            print_table(prof["kernels"][:25], ["kernel", "calls", "ms", "share"],
+                        f"GPU time by kernel, end to end, {impl}, S={min(a.e2e_seq)}, one step: "
+                        f"{prof['gpu_busy_ms']:.1f} ms of GPU work in a {prof['step_ms']:.1f} ms "
+                        "step (the JSON lists every kernel)")
+        if profiles:
+            payload["e2e_profile"] = profiles
     write_json(a.out, payload)
