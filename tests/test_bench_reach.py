@@ -33,16 +33,22 @@ def test_round_for_schedule():
     assert reach.round_for_schedule(3, 4, segs) == 0
 
 
-def test_offload_cost_lines():
-    rows = [{"impl": "seqpar", "offload": "off", "seq_len": 8, "status": "ok",
-             "tokens_per_s": 100.0, "peak_gib": 10.0},
-            {"impl": "seqpar", "offload": "on", "seq_len": 8, "status": "ok",
-             "tokens_per_s": 95.0, "peak_gib": 6.0},
-            {"impl": "seqpar", "offload": "on", "seq_len": 16, "status": "ok",
-             "tokens_per_s": 50.0, "peak_gib": 9.0}]
-    assert e2e.offload_costs(rows) == [
-        "activation offload at 8 tokens: 100 -> 95 tokens/s (+5.0% cost), peak GPU 10.0 -> "
-        "6.0 GiB"]
+def test_option_cost_lines():
+    rows = [{"impl": "seqpar", "offload": "off", "attention": "recomputed", "seq_len": 8,
+             "status": "ok", "tokens_per_s": 100.0, "peak_gib": 10.0},
+            {"impl": "seqpar", "offload": "on", "attention": "recomputed", "seq_len": 8,
+             "status": "ok", "tokens_per_s": 95.0, "peak_gib": 6.0},
+            {"impl": "seqpar", "offload": "on", "attention": "recomputed", "seq_len": 16,
+             "status": "ok", "tokens_per_s": 50.0, "peak_gib": 9.0},
+            {"impl": "seqpar", "offload": "on", "attention": "kept", "seq_len": 16,
+             "status": "ok", "tokens_per_s": 60.0, "peak_gib": 11.0},
+            {"impl": "seqpar", "offload": "off", "attention": "kept", "seq_len": 32,
+             "status": "ok", "tokens_per_s": 60.0, "peak_gib": 11.0}]  # no recomputed twin
+    assert e2e.option_costs(rows) == [
+        "activation offload at 8 tokens: 100 -> 95 tokens/s (-5.0%), peak GPU 10.0 -> 6.0 GiB",
+        "kept attention at 16 tokens: 50 -> 60 tokens/s (+20.0%), peak GPU 9.0 -> 11.0 GiB"]
+    a = e2e.build_parser().parse_args(["--recompute-attention", "both"])
+    assert a.recompute_attention == "both"
 
 
 def test_plan_options_follow_the_run():

@@ -8,6 +8,7 @@ import pytest
 
 from seqpar_ring.tools import plan as P
 from seqpar_ring.tools.plan_calib import Calibration, load_calibration
+from seqpar_ring.tools.plan_search import layout_candidates
 from seqpar_ring.tools.plan_validate import GOAL, load_points, validate
 
 TINY = P.PRESETS["tiny"]  # h 64, 2 layers, 4 heads, 2 kv, d 16, I 128, V 256
@@ -174,6 +175,34 @@ def test_best_layouts_and_reasons():
     assert not skipped  # 32 heads: every u up to 8 divides them
     for x, why in losers:
         assert why.startswith("does not fit") or "tokens/s" in why
+
+
+def test_best_layouts_weigh_kept_attention():
+    """Kept attention is a candidate only under checkpointing; it wins where it fits (no
+    recomputed forward) and loses where its memory does not."""
+    m, c = P.PRESETS["llama-8b"], load_calibration()
+    cands, _ = layout_candidates(m, 2**20, P.PlanOptions(gpus=8), c, P.Links(), 141.0, 128.0)
+    pairs = {}
+    for x in cands:
+        o = x.options
+        pairs.setdefault((o.sp_size, o.ulysses_size, o.activation_offload, o.tiled_mlp),
+                         {})[o.keep_attention] = x
+    assert all(set(v) == {False, True} for v in pairs.values())
+    for v in pairs.values():
+        assert v[True].time.tokens_per_s > v[False].time.tokens_per_s
+        assert v[True].plan.peak_bytes > v[False].plan.peak_bytes
+    best, _, _ = P.best_layouts(m, 2**20, P.PlanOptions(gpus=8), c, P.Links(), 141.0, 128.0)
+    assert best[0].options.keep_attention and "kept attention" in best[0].label
+    # GPU memory between the least any layout needs and the least a kept layout needs
+    least = {keep: min(x.plan.peak_gib + x.options.reserve_gib for x in cands
+                       if x.options.keep_attention == keep) for keep in (False, True)}
+    assert least[False] < least[True]
+    tight, _, _ = P.best_layouts(m, 2**20, P.PlanOptions(gpus=8), c, P.Links(),
+                                 (least[False] + least[True]) / 2, 128.0)
+    assert tight and not any(x.options.keep_attention for x in tight)
+    off, _ = layout_candidates(m, 2**20, P.PlanOptions(gpus=8, checkpointing=False), c,
+                               P.Links(), 141.0, 128.0)
+    assert off and not any(x.options.keep_attention for x in off)
 
 
 def test_fewest_gpus_for_a_billion_tokens(capsys):

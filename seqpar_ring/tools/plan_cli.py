@@ -14,8 +14,8 @@ checkpointing, tiled loss. The step-time model reads a calibration (--calib FILE
     python -m seqpar_ring.plan --calibrate --calib-out h200.json   # measure this machine once
 
 --best ranks every split of the GPUs (SP size, Ulysses factor u, data-parallel replicas,
-offload and tiled MLP off/on) that fits memory by predicted tokens/s and says why the others
-lose. --billion answers what 1,073,741,824 tokens (2^30) need for --model: the fewest GPUs
+offload, tiled MLP and kept attention off/on) that fits memory by predicted tokens/s and says
+why the others lose. --billion answers what 1,073,741,824 tokens (2^30) need for --model: the fewest GPUs
 (powers of two) that fit, dense and dilated, and the seconds per step.
 
 ``--model`` takes a preset name or a path to an HF ``config.json``. Without ``--gpu-mem-gib``

@@ -1,14 +1,16 @@
 """Answers a user can act on: the best layouts for a run, and what a billion tokens needs.
 
 `best_layouts` tries every SP size (the rest of the GPUs are data-parallel replicas, each on
-its own sample), every Ulysses factor u the heads allow inside a node, and activation offload
-and the tiled MLP off or on; keeps what fits GPU and host memory (`plan_memory`), ranks it by
+its own sample), every Ulysses factor u the heads allow inside a node, activation offload
+and the tiled MLP off or on, and (under checkpointing) attention recomputed or kept
+(``recompute_attention=false``); keeps what fits GPU and host memory (`plan_memory`), ranks it by
 predicted tokens/s over all GPUs (`plan_time`) and says for each other (SP, u) why it loses:
 memory, a transfer-bound hop, the all-to-all, or the head count.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, replace
 
@@ -29,8 +31,8 @@ class Candidate:
     @property
     def label(self) -> str:
         o = self.options
-        extra = [x for x, on in (("offload", o.activation_offload), ("tiled MLP", o.tiled_mlp))
-                 if on]
+        extra = [x for x, on in (("offload", o.activation_offload), ("tiled MLP", o.tiled_mlp),
+                                 ("kept attention", o.keep_attention)) if on]
         dp = o.gpus // o.sp_size
         return (f"sp {o.sp_size} (ring {o.sp_size // o.ulysses_size} x ulysses "
                 f"{o.ulysses_size}), dp {dp}" + (", " + " + ".join(extra) if extra else ""))
@@ -60,16 +62,16 @@ def layout_candidates(m: ModelSpec, seq_len: int, base: PlanOptions, c: Calibrat
                 continue
             if u > links.gpus_per_node:
                 continue  # an all-to-all across nodes: the pure ring beats it (not listed)
-            for off in (False, True):
-                for tiled in (False, True):
-                    o = replace(base, sp=sp, ulysses_size=u, activation_offload=off,
-                                tiled_mlp=tiled)
-                    if seq_len % seq_divisor(o):
-                        continue
-                    pl = estimate(m, seq_len, o)
-                    why = _memory_reason(pl, gpu_mem_gib, host_mem_gib, o)
-                    out.append(Candidate(o, pl, step_time(m, seq_len, o, c, links), not why,
-                                         why))
+            # offload moves and keeping skips what checkpointing recomputes: both need it
+            both = (False, True) if base.checkpointing else (False,)
+            for off, tiled, keep in itertools.product(both, (False, True), both):
+                o = replace(base, sp=sp, ulysses_size=u, activation_offload=off,
+                            tiled_mlp=tiled, keep_attention=keep)
+                if seq_len % seq_divisor(o):
+                    continue
+                pl = estimate(m, seq_len, o)
+                why = _memory_reason(pl, gpu_mem_gib, host_mem_gib, o)
+                out.append(Candidate(o, pl, step_time(m, seq_len, o, c, links), not why, why))
     return out, sorted(set(skipped))
 
 
@@ -95,7 +97,8 @@ def _rank(x: Candidate) -> tuple:
     """Fitting first, fastest first (fewer options on a tie); then the least memory."""
     o = x.options
     if x.fits:
-        return (0, -round(x.time.tokens_per_s, 6), o.activation_offload + o.tiled_mlp)
+        return (0, -round(x.time.tokens_per_s, 6),
+                o.activation_offload + o.tiled_mlp + o.keep_attention)
     return (1, x.plan.peak_bytes + x.plan.host_bytes, 0)
 
 

@@ -23,7 +23,9 @@ dense attention layer at that length, the planner's dense figure).
 
 Reach options (ours only): ``--activation-offload on`` (checkpointed layer inputs in pinned
 host memory), ``both`` (each point without, then with, on the same engine: the offload's
-throughput cost), ``--tiled-mlp``. CPU smoke test:
+throughput cost), ``--tiled-mlp``; ``--recompute-attention off`` keeps each layer's attention
+across the checkpoint's recomputation, ``both`` measures every point recomputing, then keeping,
+on the same engine. CPU smoke test:
 ``torchrun --nproc_per_node 2 -m seqpar_ring.bench e2e --model tiny --seq 256 512``.
 """
 
@@ -47,8 +49,8 @@ from seqpar_ring.tools import plan as planner
 from . import reach
 from .common import SHARED, init_from_env, peak_gib, print_table, reset_peak, sync, write_json
 
-COLUMNS = ["impl", "offload", "seq_len", "tokens_per_s", "step_s", "peak_gib", "plan_gib",
-           "host_gib", "plan_host_gib", "loss", "status"]
+COLUMNS = ["impl", "offload", "attention", "seq_len", "tokens_per_s", "step_s", "peak_gib",
+           "plan_gib", "host_gib", "plan_host_gib", "loss", "status"]
 
 
 def ds_config(a, world: int, cuda: bool) -> dict:
@@ -96,6 +98,10 @@ class Impl:
         """Our ActivationOffload on the engine's model (None: not installed)."""
         return None
 
+    def keep(self):
+        """Our KeepAttention switch on the engine's model (None: attention is recomputed)."""
+        return None
+
     def teardown(self) -> None:
         if self.engine is not None and hasattr(self.engine, "destroy"):
             self.engine.destroy()
@@ -123,7 +129,8 @@ class SeqPar(Impl):
         a = self.a
         section = {"size": self.world, "attention": a.attention,
                    "kernel": a.kernel, "activation_offload": a.activation_offload != "off",
-                   "tiled_mlp": a.tiled_mlp}
+                   "tiled_mlp": a.tiled_mlp,
+                   "recompute_attention": a.recompute_attention == "on"}
         if a.attention == "dilated":
             section.update(segment_lengths=a.segments, dilation_rates=a.rates)
         if a.layout is not None:  # else the config's default for the attention
@@ -148,6 +155,11 @@ class SeqPar(Impl):
         from seqpar_ring.integrations.hf_reach import get_activation_offload
 
         return None if self.engine is None else get_activation_offload(self.engine.module)
+
+    def keep(self):
+        from seqpar_ring.integrations import hf_recompute
+
+        return None if self.engine is None else hf_recompute.get(self.engine.module)
 
     def step(self, b: dict) -> float:
         from seqpar_ring.integrations.hf_tiled import tiled_causal_lm_loss
@@ -227,18 +239,25 @@ def _agree_failed(failed: bool, dev) -> bool:
     return bool(flag.item())
 
 
-def run_point(impl: Impl, seq: int, a, *, steps: int, offload: bool | None = None) -> dict:
+def run_point(impl: Impl, seq: int, a, *, steps: int, offload: bool | None = None,
+              keep: bool | None = None) -> dict:
     """Warm-up step + up to ``steps`` timed steps within ``a.budget_s``; errors become rows.
 
-    ``offload``: switch our activation offload on/off for this point (None: as configured).
+    ``offload`` / ``keep``: switch our activation offload / kept attention on or off for this
+    point (None: as configured).
     """
-    off = impl.offload()
+    off, kept = impl.offload(), impl.keep()
     if off is not None and offload is not None:
         off.enabled = offload
+    if kept is not None and keep is not None:
+        kept.enabled = keep
     on = off is not None and off.enabled
+    keeping = kept is not None and kept.enabled
+    ours = a.impl_name == "seqpar"
     row = {"impl": a.impl_name, "seq_len": seq, "status": "ok", "world": impl.world,
-           "offload": ("on" if on else "off") if a.impl_name == "seqpar" else None}
-    o = reach.plan_options(impl, a, offload=on)
+           "offload": ("on" if on else "off") if ours else None,
+           "attention": ("kept" if keeping else "recomputed") if ours else None}
+    o = replace(reach.plan_options(impl, a, offload=on), keep_attention=keeping)
     if seq % planner.seq_divisor(o) == 0:
         pl = planner.estimate(impl.spec, seq, o)
         row.update(plan_gib=pl.peak_gib, plan_host_gib=pl.host_gib)
@@ -397,25 +416,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="planner: host memory of the process besides offloaded tensors")
     p.add_argument("--adam", default="auto", choices=("auto", "fused", "torch"),
                    help="optimizer: DeepSpeed's fused Adam (auto: on dedicated GPUs) or torch's")
+    p.add_argument("--recompute-attention", default="on", choices=("on", "off", "both"),
+                   help="ours: off keeps each layer's attention across the checkpoint's "
+                   "recomputation (recompute_attention=false); both: every point recomputing, "
+                   "then keeping, on the same engine")
     p.add_argument("--out", default="e2e.json")
     p.add_argument("--plot", action="store_true", help="also write PNGs (rank 0)")
     return p
 
 
-def offload_costs(rows: list[dict]) -> list[str]:
-    """'tokens/s without -> with offload' for every length measured both ways."""
+def option_costs(rows: list[dict]) -> list[str]:
+    """'tokens/s without -> with' activation offload, and recomputed -> kept attention, for
+    every length measured both ways (the other option the same)."""
     lines = []
-    for r in rows:
-        if r.get("offload") != "off" or r.get("status") != "ok":
-            continue
-        for w in rows:
-            if (w.get("offload"), w.get("seq_len"), w.get("impl"), w.get("status")) == (
-                    "on", r["seq_len"], r["impl"], "ok"):
-                cost = 1 - w["tokens_per_s"] / r["tokens_per_s"]
-                lines.append(f"activation offload at {r['seq_len']:,} tokens: "
-                             f"{r['tokens_per_s']:,.0f} -> {w['tokens_per_s']:,.0f} tokens/s "
-                             f"({100 * cost:+.1f}% cost), peak GPU {r['peak_gib']:.1f} -> "
-                             f"{w['peak_gib']:.1f} GiB")
+    for key, before, after, what in (("offload", "off", "on", "activation offload"),
+                                     ("attention", "recomputed", "kept", "kept attention")):
+        other = "attention" if key == "offload" else "offload"
+        for r in rows:
+            if r.get(key) != before or r.get("status") != "ok":
+                continue
+            for w in rows:
+                if (w.get(key), w.get(other), w.get("seq_len"), w.get("impl"),
+                        w.get("status")) == (after, r.get(other), r["seq_len"], r["impl"], "ok"):
+                    gain = w["tokens_per_s"] / r["tokens_per_s"] - 1
+                    peaks = (r.get("peak_gib"), w.get("peak_gib"))
+                    mem = ("" if any(p is None or math.isnan(p) for p in peaks) else
+                           f", peak GPU {peaks[0]:.1f} -> {peaks[1]:.1f} GiB")  # nan: on CPU
+                    lines.append(f"{what} at {r['seq_len']:,} tokens: "
+                                 f"{r['tokens_per_s']:,.0f} -> {w['tokens_per_s']:,.0f} tokens/s "
+                                 f"({100 * gain:+.1f}%){mem}")
     return lines
 
 
@@ -442,15 +471,21 @@ def main(argv: list[str] | None = None) -> None:
             warm = run_point(impl, a.warmup_seq, a, steps=0)
             if warm["status"] != "ok":
                 rows.append(dict(warm, status=f"warm-up: {warm['status']}"))
-        modes = [False, True] if name == "seqpar" and a.activation_offload == "both" else [None]
+        ours = name == "seqpar"
+        offloads = [False, True] if ours and a.activation_offload == "both" else [None]
+        keeps = [False, True] if ours and a.recompute_attention == "both" else [None]
         for seq in a.seq:
-            for mode in modes:  # same engine, offload switched: the A/B of its cost
-                rows.append(run_point(impl, seq, a, steps=a.steps, offload=mode))
+            for offload in offloads:  # same engine, an option switched: the A/B of its cost
+                for keep in keeps:
+                    rows.append(run_point(impl, seq, a, steps=a.steps, offload=offload,
+                                          keep=keep))
                 if rank == 0:
                     print_table(rows[-1:], COLUMNS)
         if a.find_max:
-            if modes != [None]:
+            if offloads != [None]:
                 impl.offload().enabled = True
+            if keeps != [None]:
+                impl.keep().enabled = True
             maxima[name], probes = find_max(impl, a)
             rows += [dict(r, status=f"probe: {r['status']}") for r in probes]
         last = impl
@@ -458,7 +493,7 @@ def main(argv: list[str] | None = None) -> None:
     if rank == 0:
         title = f"e2e: {a.model} {a.dtype} ZeRO-{a.zero} SP={world} on {dev.type}"
         print_table(rows, COLUMNS, title)
-        for line in offload_costs(rows):
+        for line in option_costs(rows):
             print(line)
         for name, best in maxima.items():
             note = " (--find-limit reached)" if best * 2 > a.find_limit else ""

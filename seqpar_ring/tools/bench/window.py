@@ -173,6 +173,10 @@ def e2e_rows(a, dev, profiles: dict | None = None) -> list[dict]:
             def step():
                 model.zero_grad(set_to_none=True)
                 model(**batch).loss.backward()
+            # Every point compiles afresh: a compiled flex_attention that has seen another
+            # length recompiles with dynamic shapes, which ran 13% slower at 64K (flex measured
+            # after 32K in the same process: 28,263-28,708 tokens/s; alone: 32,788).
+            torch._dynamo.reset()
             reset_peak(dev)
             try:
                 t = timeit(step, dev, warmup=1, iters=a.iters)
