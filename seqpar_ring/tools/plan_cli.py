@@ -15,8 +15,8 @@ checkpointing, tiled loss. The step-time model reads a calibration (--calib FILE
 
 --best ranks every split of the GPUs (SP size, Ulysses factor u, data-parallel replicas,
 offload, tiled MLP and kept attention off/on) that fits memory by predicted tokens/s and says
-why the others lose. --billion answers what 1,073,741,824 tokens (2^30) need for --model: the fewest GPUs
-(powers of two) that fit, dense and dilated, and the seconds per step.
+why the others lose. --billion answers what 1,073,741,824 tokens (2^30) need for --model: the
+fewest GPUs (powers of two) that fit, dense and dilated, and the seconds per step.
 
 ``--model`` takes a preset name or a path to an HF ``config.json``. Without ``--gpu-mem-gib``
 the memory of CUDA device 0 is used when there is one, else 80 GiB; the output says which.

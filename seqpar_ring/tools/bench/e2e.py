@@ -479,8 +479,8 @@ def main(argv: list[str] | None = None) -> None:
                 for keep in keeps:
                     rows.append(run_point(impl, seq, a, steps=a.steps, offload=offload,
                                           keep=keep))
-                if rank == 0:
-                    print_table(rows[-1:], COLUMNS)
+                    if rank == 0:
+                        print_table(rows[-1:], COLUMNS)
         if a.find_max:
             if offloads != [None]:
                 impl.offload().enabled = True
